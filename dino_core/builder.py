@@ -1,0 +1,66 @@
+"""Student and teacher networks of one run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from dino_core.models import DINOHead, MultiCropWrapper, build_backbone, embed_dim_of
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Everything that fixes the shapes of the student and the teacher."""
+
+    arch: str = "vit_small"
+    patch_size: int = 16
+    img_size: int = 224
+    depth: int | None = None
+    drop_path_rate: float = 0.1
+    out_dim: int = 65536
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    head_nlayers: int = 3
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+
+
+def build_networks(spec: NetworkSpec) -> tuple[MultiCropWrapper, MultiCropWrapper]:
+    """Returns (student, teacher): same architecture, the teacher without stochastic depth,
+    starting from the student's weights and never receiving gradients."""
+
+    def one(drop_path_rate: float) -> MultiCropWrapper:
+        backbone = build_backbone(
+            spec.arch, spec.patch_size, spec.img_size, drop_path_rate, spec.depth
+        )
+        head = DINOHead(
+            embed_dim_of(backbone),
+            spec.out_dim,
+            use_bn=spec.use_bn_in_head,
+            norm_last_layer=spec.norm_last_layer,
+            nlayers=spec.head_nlayers,
+            hidden_dim=spec.head_hidden_dim,
+            bottleneck_dim=spec.head_bottleneck_dim,
+        )
+        return MultiCropWrapper(backbone, head)
+
+    student = one(spec.drop_path_rate)
+    teacher = one(0.0)
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad = False
+    return student, teacher
+
+
+def ema_parameter_lists(
+    teacher: nn.Module, student: nn.Module
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Matched (teacher, student) parameter lists for ``ema_update``; pass the unwrapped
+    student. Parameters are matched by name so a wrapper's ordering cannot mix them up."""
+    s = dict(student.named_parameters())
+    names = [n for n, _ in teacher.named_parameters()]
+    missing = [n for n in names if n not in s]
+    if missing:
+        raise ValueError(f"student lacks teacher parameters: {missing[:5]}")
+    return [p for _, p in teacher.named_parameters()], [s[n] for n in names]

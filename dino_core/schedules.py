@@ -1,0 +1,106 @@
+"""Per-iteration schedules: lr, weight decay, teacher momentum and teacher temperature.
+
+Every schedule is an array indexed by the global iteration, so a resumed run reads the
+same value at the same step as an uninterrupted one (dinov2's ``build_schedulers``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def cosine_schedule(
+    base_value: float,
+    final_value: float,
+    epochs: int,
+    niter_per_ep: int,
+    warmup_epochs: int = 0,
+    start_warmup_value: float = 0.0,
+) -> np.ndarray:
+    """Linear warm-up from ``start_warmup_value`` to ``base_value`` over ``warmup_epochs``,
+    then a half cosine from ``base_value`` to ``final_value``.
+
+    Returns:
+        ``(epochs * niter_per_ep,)`` float64 array.
+    """
+    total = epochs * niter_per_ep
+    warmup_iters = min(warmup_epochs * niter_per_ep, total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False)
+    iters = np.arange(total - warmup_iters)
+    n = max(len(iters), 1)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / n))
+    return np.concatenate((warmup, cosine))
+
+
+def teacher_temp_schedule(
+    warmup_temp: float, temp: float, warmup_epochs: int, epochs: int, niter_per_ep: int
+) -> np.ndarray:
+    """Linear per-epoch warm-up of tau_t from ``warmup_temp`` to ``temp``, then constant.
+
+    The value changes once per epoch (as in the reference code) and is repeated for every
+    iteration of that epoch.
+    """
+    warmup_epochs = min(warmup_epochs, epochs)
+    per_epoch = np.concatenate(
+        (np.linspace(warmup_temp, temp, warmup_epochs), np.full(epochs - warmup_epochs, temp))
+    )
+    return np.repeat(per_epoch, niter_per_ep)
+
+
+def scaled_lr(lr: float, global_batch_size: int) -> float:
+    """The linear scaling rule of the paper: ``lr * batch / 256``."""
+    return lr * global_batch_size / 256.0
+
+
+@dataclass(frozen=True)
+class Schedules:
+    """All per-iteration values of a run."""
+
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    momentum: np.ndarray
+    teacher_temp: np.ndarray
+    niter_per_ep: int
+
+    def at(self, it: int) -> dict[str, float]:
+        """The values for global iteration ``it`` (clamped to the last one)."""
+        i = min(it, len(self.lr) - 1)
+        return {
+            "lr": float(self.lr[i]),
+            "weight_decay": float(self.weight_decay[i]),
+            "momentum": float(self.momentum[i]),
+            "teacher_temp": float(self.teacher_temp[i]),
+        }
+
+
+def build_schedules(
+    *,
+    epochs: int,
+    niter_per_ep: int,
+    global_batch_size: int,
+    lr: float = 5e-4,
+    min_lr: float = 1e-6,
+    warmup_epochs: int = 10,
+    weight_decay: float = 0.04,
+    weight_decay_end: float = 0.4,
+    momentum_teacher: float = 0.996,
+    warmup_teacher_temp: float = 0.04,
+    teacher_temp: float = 0.04,
+    warmup_teacher_temp_epochs: int = 0,
+) -> Schedules:
+    """The paper's schedules (Sec. 5 / Appendix): lr warm-up then cosine to ``min_lr``, lr
+    scaled by ``global_batch_size / 256``; weight decay cosine 0.04 -> 0.4; teacher momentum
+    cosine ``momentum_teacher`` -> 1; teacher temperature warm-up."""
+    return Schedules(
+        lr=cosine_schedule(
+            scaled_lr(lr, global_batch_size), min_lr, epochs, niter_per_ep, warmup_epochs
+        ),
+        weight_decay=cosine_schedule(weight_decay, weight_decay_end, epochs, niter_per_ep),
+        momentum=cosine_schedule(momentum_teacher, 1.0, epochs, niter_per_ep),
+        teacher_temp=teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs, niter_per_ep
+        ),
+        niter_per_ep=niter_per_ep,
+    )

@@ -1,0 +1,126 @@
+"""One DINO training step (Caron et al. 2021, Algorithm 1; DINO v1 ``train_one_epoch``)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dino_core.ema import ema_update
+from dino_core.loss import DINOLoss, identity
+from dino_core.monitors import teacher_stats
+from dino_core.optim import cancel_last_layer_gradients, clip_gradients
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss is NaN or inf; raised before any parameter, optimizer state or center moved."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(
+            f"non-finite DINO loss {value} at global step {step}; nothing was updated for this "
+            "step (try a lower lr, a lower teacher temperature, or fp32)"
+        )
+        self.step = step
+        self.value = value
+
+
+@dataclass
+class StepConfig:
+    """The per-run, not per-step, settings of the step."""
+
+    n_global: int = 2
+    clip_grad: float = 3.0  # 0 disables clipping
+    autocast_dtype: torch.dtype | None = None  # torch.bfloat16 / torch.float16 / None (fp32)
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = field(default=identity)
+
+
+@dataclass
+class StepOutput:
+    loss: float  # mean over processes
+    stats: dict[str, torch.Tensor]  # teacher entropy / KL to uniform, on the device
+
+
+def train_step(
+    *,
+    student: nn.Module,
+    teacher: nn.Module,
+    loss_fn: DINOLoss,
+    optimizer: torch.optim.Optimizer,
+    crops: Sequence[torch.Tensor],
+    values: dict[str, float],
+    step: int,
+    freeze_last_layer: bool,
+    ema_params: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
+    cfg: StepConfig,
+    scaler: torch.amp.GradScaler | None = None,
+    clip_module: nn.Module | None = None,
+) -> StepOutput:
+    """Teacher on the global crops, student on all crops, loss, backward, clip, freeze the
+    last layer, optimizer step, EMA.
+
+    Args:
+        student: the student (possibly DDP-wrapped ``MultiCropWrapper``).
+        teacher: the teacher ``MultiCropWrapper`` (no gradients).
+        loss_fn: the DINO loss (holds the center).
+        optimizer: AdamW with ``param_groups``; group 0 takes the weight decay.
+        crops: ``[global_1, global_2, local_1, ...]``, each ``(B, 3, H_i, W_i)`` on the device.
+        values: this step's ``lr``, ``weight_decay``, ``momentum``, ``teacher_temp``.
+        step: global iteration, for error messages.
+        freeze_last_layer: drop the head's last-layer gradients (first epoch(s)).
+        ema_params: (teacher parameters, student parameters), matched lists.
+        cfg: run-wide settings.
+        scaler: a GradScaler for fp16; None otherwise.
+        clip_module: the unwrapped student, whose parameters are clipped and frozen.
+
+    Raises:
+        NonFiniteLossError: before anything is updated.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        group["lr"] = values["lr"]
+        if i == 0:
+            group["weight_decay"] = values["weight_decay"]
+    device_type = crops[0].device.type
+    amp = (
+        torch.autocast(device_type, dtype=cfg.autocast_dtype)
+        if cfg.autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with amp:
+        with torch.no_grad():
+            # only the global views pass through the teacher
+            teacher_out = teacher(list(crops[: cfg.n_global]))
+        student_out = student(list(crops))
+        stats = teacher_stats(teacher_out, loss_fn.center, values["teacher_temp"])
+        loss = loss_fn(
+            student_out, teacher_out, values["teacher_temp"], cfg.n_global, update_center=False
+        )
+
+    # the mean over processes makes every rank take the same decision on a bad step
+    global_loss = cfg.all_reduce_mean(loss.detach()).item()
+    if not math.isfinite(global_loss):
+        raise NonFiniteLossError(step, global_loss)
+    loss_fn.update_center(teacher_out)
+
+    params_owner = clip_module if clip_module is not None else student
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if cfg.clip_grad > 0:
+        clip_gradients(params_owner, cfg.clip_grad)
+    if freeze_last_layer:
+        cancel_last_layer_gradients(params_owner)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+
+    ema_update(ema_params[0], ema_params[1], values["momentum"])
+    return StepOutput(loss=global_loss, stats=stats)

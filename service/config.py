@@ -1,0 +1,317 @@
+"""The run configuration: typed, documented, validated on load.
+
+Every field says why its default is what it is. Loading order: preset -> YAML file ->
+``key=value`` overrides; the result is validated before any Ray resource is taken, and a bad
+value fails with the field's dotted name and the allowed range.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "memory")
+
+
+def url_scheme(url: str) -> str:
+    """``s3`` for ``s3://b/k``, ``file`` for local paths."""
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "resnet50"] = Field(
+        "vit_small", description="ViT-S/16 is the paper's main model (Table 2)"
+    )
+    patch_size: int = Field(16, ge=1, le=64, description="16 or 8 in the paper; 8 is ~4x slower")
+    depth: int | None = Field(None, ge=1, le=48, description="override of the block count")
+    drop_path_rate: float = Field(0.1, ge=0.0, lt=1.0, description="stochastic depth, student")
+    out_dim: int = Field(65536, ge=2, description="K prototypes; 65536 works best (Table 9)")
+    norm_last_layer: bool = Field(True, description="fix prototype norms: stabilises ViT-S")
+    use_bn_in_head: bool = Field(False, description="BN in the head: off for ViTs")
+    head_hidden_dim: int = Field(2048, ge=1, description="paper: 2048")
+    head_bottleneck_dim: int = Field(256, ge=1, description="paper: 256")
+    head_nlayers: int = Field(3, ge=1, le=8, description="paper: 3")
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        "procedural",
+        description="image folder (local or fsspec URL) or 'procedural' for the built-in set",
+    )
+    procedural_size: int = Field(4096, ge=1, description="images in the procedural set")
+    procedural_classes: int = Field(6, ge=2, le=8, description="shape classes (chance = 1/n)")
+    procedural_image_size: int = Field(64, ge=8, description="side of generated images")
+    procedural_clutter: float = Field(
+        1.0, ge=0, le=1, description="background clutter: 1 hard, 0 flat (quick demos)"
+    )
+    num_workers: int = Field(2, ge=0, le=64, description="data loader processes per worker")
+    seed: int = Field(0, description="seed of the procedural set")
+
+
+class AugConfig(_Section):
+    global_size: int = Field(224, ge=8, description="global crop side (paper: 224)")
+    local_size: int = Field(96, ge=8, description="local crop side (paper: 96)")
+    n_local: int = Field(10, ge=0, le=64, description="local crops: 2x224 + 10x96 is Table 10's")
+    global_scale: tuple[float, float] = Field((0.4, 1.0), description="RandomResizedCrop scale")
+    local_scale: tuple[float, float] = Field((0.05, 0.4), description="RandomResizedCrop scale")
+
+    @model_validator(mode="after")
+    def _check(self) -> AugConfig:
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got ({lo}, {hi})")
+        if self.local_size > self.global_size:
+            raise ValueError(
+                f"local_size ({self.local_size}) must be <= global_size ({self.global_size})"
+            )
+        return self
+
+
+class LossConfig(_Section):
+    student_temp: float = Field(0.1, gt=0, description="tau_s (paper: 0.1)")
+    teacher_temp: float = Field(
+        0.04, gt=0, le=1, description="tau_t: 0.04 is safe; above 0.07 training is unstable"
+    )
+    warmup_teacher_temp: float = Field(0.04, gt=0, le=1, description="tau_t at epoch 0")
+    warmup_teacher_temp_epochs: int = Field(0, ge=0, description="paper: 30 when warming up")
+    center_momentum: float = Field(0.9, ge=0, lt=1, description="m of the center (paper: 0.9)")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(5e-4, gt=0, description="base lr at batch 256, scaled linearly")
+    min_lr: float = Field(1e-6, ge=0, description="end of the cosine decay")
+    warmup_epochs: int = Field(10, ge=0, description="linear lr warm-up (paper: 10)")
+    weight_decay: float = Field(0.04, ge=0, description="start of the cosine wd schedule")
+    weight_decay_end: float = Field(0.4, ge=0, description="end of the cosine wd schedule")
+    clip_grad: float = Field(3.0, ge=0, description="per-parameter grad norm cap; 0 = off")
+    freeze_last_layer: int = Field(1, ge=0, description="epochs with the last layer frozen")
+    momentum_teacher: float = Field(
+        0.996, ge=0, lt=1, description="EMA base: 0.996 at batch 1024, 0.9995 at 256"
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(100, ge=1, description="paper: 100 (ViT-S) to 800")
+    batch_size: int = Field(256, ge=1, description="global batch over all workers")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
+    seed: int = Field(0, description="torch/numpy seed; each worker adds its rank")
+    checkpoint_every_epochs: int = Field(1, ge=0, description="0 disables epoch checkpoints")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also every N steps; 0 = off")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept in storage")
+    log_every_steps: int = Field(10, ge=1, description="metrics and progress line period")
+    max_steps: int | None = Field(None, ge=1, description="stop early (tests, smoke runs)")
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="stop: raise and keep the last checkpoint; skip: drop the step"
+    )
+    max_skipped_steps: int = Field(10, ge=0, description="with skip: give up after this many")
+    resume: str | None = Field(None, description="checkpoint URI to start from")
+
+
+class EvalConfig(_Section):
+    knn_every_epochs: int = Field(0, ge=0, description="k-NN on the labeled split; 0 = off")
+    train_path: str = Field("procedural", description="labeled folder/URL or 'procedural'")
+    val_path: str = Field("procedural", description="labeled folder/URL or 'procedural'")
+    procedural_train_size: int = Field(1200, ge=1, description="labeled train images")
+    procedural_val_size: int = Field(600, ge=1, description="labeled val images")
+    image_size: int = Field(224, ge=8, description="Resize + CenterCrop side")
+    knn_k: int = Field(20, ge=1, description="k of the reported k-NN (paper: 20)")
+    knn_temperature: float = Field(0.07, gt=0, description="T of the weighted vote (0.07)")
+    batch_size: int = Field(128, ge=1, description="feature extraction batch")
+
+
+class StorageConfig(_Section):
+    root: str = Field(
+        "runs", description="checkpoints root: local path or fsspec URL (s3://, gs://)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StorageConfig:
+        scheme = url_scheme(self.root)
+        if scheme not in STORAGE_SCHEMES:
+            raise ValueError(
+                f"unknown storage scheme {scheme!r} in {self.root!r}; allowed: "
+                f"a local path or {', '.join(s + '://' for s in STORAGE_SCHEMES)}"
+            )
+        return self
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow URI; default sqlite under storage.root")
+    experiment: str = Field("dino", description="MLflow experiment name")
+    enabled: bool = Field(True, description="log to MLflow at all")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None: start a local Ray; 'auto' or host:port")
+    num_workers: int = Field(1, ge=1, description="data-parallel training workers")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    max_failures: int = Field(0, ge=-1, description="group restarts on worker failure (-1: inf)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
+
+
+class DinoConfig(_Section):
+    run_name: str = Field(
+        "dino", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="same name = resume"
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    aug: AugConfig = Field(default_factory=AugConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> DinoConfig:
+        if self.train.batch_size % self.ray.num_workers:
+            raise ValueError(
+                f"train.batch_size ({self.train.batch_size}) must be divisible by "
+                f"ray.num_workers ({self.ray.num_workers})"
+            )
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            section = _section_for(e["loc"][:-1])
+            allowed = ", ".join(section.model_fields) if section else "?"
+            lines.append(f"{loc}: unknown key; allowed keys here: {allowed}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = "" if e["type"] == "value_error" else f" (got {e.get('input')!r})"
+            lines.append(f"{loc or 'config'}: {msg}{got}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = DinoConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return None
+        model = field.annotation
+    return model
+
+
+def validate(data: dict[str, Any]) -> DinoConfig:
+    """Builds a config from plain data; raises ConfigError naming every bad field."""
+    try:
+        return DinoConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``optim.lr=1e-3`` -> (['optim', 'lr'], 0.001); the value is read as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value (e.g. optim.lr=1e-3)")
+    key, raw = item.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            child = node.setdefault(k, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(
+    preset: str | None = None, file: str | None = None, overrides: list[str] | None = None
+) -> DinoConfig:
+    """preset -> YAML file -> overrides, then environment defaults, then validation."""
+    from service.presets import load_preset
+
+    data: dict[str, Any] = load_preset(preset) if preset else {}
+    if file:
+        with open(file) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping of sections")
+        data = deep_merge(data, loaded)
+    data = apply_overrides(data, overrides or [])
+    storage = data.setdefault("storage", {})
+    if "root" not in storage and os.environ.get("DINO_STORAGE"):
+        storage["root"] = os.environ["DINO_STORAGE"]
+    tracking = data.setdefault("tracking", {})
+    if "uri" not in tracking and os.environ.get("MLFLOW_TRACKING_URI"):
+        tracking["uri"] = os.environ["MLFLOW_TRACKING_URI"]
+    ray_section = data.setdefault("ray", {})
+    if "address" not in ray_section and os.environ.get("RAY_ADDRESS"):
+        ray_section["address"] = os.environ["RAY_ADDRESS"]
+    return validate(data)
+
+
+def resolve_paths(cfg: DinoConfig) -> DinoConfig:
+    """Local paths made absolute: Ray workers run in another working directory."""
+
+    def absolute(p: str) -> str:
+        if p == "procedural" or "://" in p:
+            return p
+        return str(Path(p).expanduser().resolve())
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.storage.root = absolute(cfg.storage.root)
+    cfg.data.path = absolute(cfg.data.path)
+    cfg.eval.train_path = absolute(cfg.eval.train_path)
+    cfg.eval.val_path = absolute(cfg.eval.val_path)
+    if cfg.train.resume:
+        cfg.train.resume = absolute(cfg.train.resume)
+    return cfg
+
+
+def to_yaml(cfg: DinoConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: DinoConfig) -> dict[str, Any]:
+    """``{'optim.lr': 0.0005, ...}`` for MLflow params."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", cfg.model_dump(mode="json"))
+    return out

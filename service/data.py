@@ -1,0 +1,146 @@
+"""Datasets and loaders of a run: the training images (procedural set, local folder or fsspec
+URL), the labeled evaluation splits, and a resumable per-worker shard sampler."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dino_core.augment import MultiCropAugmentation, eval_transform
+from dino_core.data.collate import collate_multicrop
+from dino_core.data.folder import IMAGE_EXTENSIONS, ImageFolder, load_rgb
+from dino_core.data.procedural import ProceduralShapes
+from service import storage
+from service.config import DinoConfig
+
+log = logging.getLogger(__name__)
+PROCEDURAL = "procedural"
+# eval splits are other seeds of the same generator, so they never repeat training images
+EVAL_TRAIN_SEED_OFFSET, EVAL_VAL_SEED_OFFSET = 1000, 2000
+
+
+class RemoteImageFolder(Dataset):
+    """Images under an fsspec URL (s3://bucket/prefix, gs://...), labelled by first-level
+    folder like ``ImageFolder``; unreadable files give ``None`` and are counted."""
+
+    def __init__(self, url: str, transform: Callable | None = None) -> None:
+        self.url = url
+        self.transform = transform
+        fs, root = storage.get_fs(url)
+        root = root.rstrip("/")
+        files = sorted(
+            p for p in fs.find(root) if p.lower().endswith(tuple(IMAGE_EXTENSIONS))
+        )
+        if not files:
+            raise FileNotFoundError(f"no images under {url}")
+        rel = [p[len(root) + 1 :] for p in files]
+        if all("/" in r for r in rel):
+            self.classes = sorted({r.split("/", 1)[0] for r in rel})
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = [index[r.split("/", 1)[0]] for r in rel]
+        else:
+            self.classes, self.labels = [], [-1] * len(rel)
+        self.files = files
+        self.skipped = 0
+        self._fs = None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Any:
+        if self._fs is None:  # one client per process (data loader workers fork)
+            self._fs = storage.get_fs(self.url)[0]
+        path = self.files[i]
+        try:
+            image = load_rgb(io.BytesIO(self._fs.cat_file(path)))
+        except Exception as err:  # noqa: BLE001 - any unreadable file is skipped and counted
+            self.skipped += 1
+            log.warning("skipping unreadable image %s: %s", path, err)
+            return None
+        return (self.transform(image) if self.transform else image), self.labels[i]
+
+
+def open_images(path: str, transform: Callable, size: int, seed: int, cfg: DinoConfig) -> Dataset:
+    """A folder, an fsspec URL, or (``procedural``) the generated set of ``size`` images."""
+    if path == PROCEDURAL:
+        d = cfg.data
+        return ProceduralShapes(size, d.procedural_image_size, d.procedural_classes, seed,
+                                transform, clutter=d.procedural_clutter)
+    if "://" in path and not path.startswith("file://"):
+        return RemoteImageFolder(path, transform)
+    return ImageFolder(path.removeprefix("file://"), transform=transform)
+
+
+def train_dataset(cfg: DinoConfig) -> Dataset:
+    a = cfg.aug
+    aug = MultiCropAugmentation(a.global_size, a.local_size, a.n_local, tuple(a.global_scale),
+                                tuple(a.local_scale))
+    d = cfg.data
+    return open_images(d.path, aug, d.procedural_size, d.seed, cfg)
+
+
+def eval_datasets(cfg: DinoConfig) -> tuple[Dataset, Dataset]:
+    """The labeled (train, val) splits for k-NN, with Resize + CenterCrop."""
+    e, d = cfg.eval, cfg.data
+    tf = eval_transform(e.image_size)
+    train = open_images(e.train_path, tf, e.procedural_train_size,
+                        d.seed + EVAL_TRAIN_SEED_OFFSET, cfg)
+    val = open_images(e.val_path, tf, e.procedural_val_size, d.seed + EVAL_VAL_SEED_OFFSET, cfg)
+    return train, val
+
+
+def eval_loader(ds: Dataset, batch_size: int, num_workers: int) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_multicrop)
+
+
+class ShardSampler(Sampler[int]):
+    """This worker's share of a seeded permutation of the dataset, equal-sized across workers
+    (like ``DistributedSampler(drop_last=True)``), that can start ``skip`` samples in so a
+    run resumed mid-epoch does not see the same images twice."""
+
+    def __init__(self, n: int, rank: int, world: int, seed: int, epoch: int, skip: int = 0):
+        self.n, self.rank, self.world = n, rank, world
+        self.seed, self.epoch, self.skip = seed, epoch, skip
+
+    def _indices(self) -> np.ndarray:
+        perm = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
+        per_rank = self.n // self.world
+        return perm[self.rank * per_rank : (self.rank + 1) * per_rank][self.skip :]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices().tolist())
+
+    def __len__(self) -> int:
+        return max(self.n // self.world - self.skip, 0)
+
+
+def train_loader(ds: Dataset, cfg: DinoConfig, rank: int, world: int, epoch: int,
+                 skip_batches: int, pin_memory: bool) -> DataLoader:
+    """A loader for one epoch. Rebuilt every epoch with a generator seeded by
+    (seed, rank, epoch), so augmentations of an epoch do not depend on earlier epochs and a
+    run resumed at an epoch boundary sees exactly the same crops."""
+    local_batch = cfg.train.batch_size // world
+    sampler = ShardSampler(len(ds), rank, world, cfg.train.seed, epoch, skip_batches * local_batch)
+    gen = torch.Generator().manual_seed(
+        int(np.random.default_rng((cfg.train.seed, rank, epoch, skip_batches)).integers(2**62))
+    )
+    return DataLoader(ds, batch_size=local_batch, sampler=sampler, drop_last=True,
+                      num_workers=cfg.data.num_workers, collate_fn=collate_multicrop,
+                      pin_memory=pin_memory, generator=gen,
+                      prefetch_factor=4 if cfg.data.num_workers > 0 else None)
+
+
+def steps_per_epoch(n_images: int, cfg: DinoConfig, world: int) -> int:
+    steps = (n_images // world) // (cfg.train.batch_size // world)
+    if steps == 0:
+        raise ValueError(
+            f"{n_images} images are fewer than one global batch of {cfg.train.batch_size}"
+        )
+    return steps

@@ -1,0 +1,109 @@
+"""Object storage through fsspec: local paths, s3:// (s3fs, honours AWS_ENDPOINT_URL and the
+usual AWS variables), gs:// (gcsfs). Uploads retry with backoff and never delete the local copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import fsspec
+from fsspec.core import url_to_fs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """Storage stayed unreachable through every retry; the local copy is kept."""
+
+
+def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it (``s3://b/k`` -> (S3FileSystem, 'b/k'))."""
+    if url.startswith("s3://"):
+        # s3fs caches listings per instance; a fresh one sees what other processes wrote
+        return url_to_fs(url, skip_instance_cache=True, use_listings_cache=False)
+    return url_to_fs(url)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def with_retries(
+    fn: Callable[[], T], what: str, attempts: int = 6, base_delay: float = 1.0
+) -> T:
+    """Calls ``fn`` until it succeeds, sleeping 1, 2, 4, ... s between tries."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - any storage failure is retried
+            if attempt == attempts:
+                raise StorageError(f"{what} failed after {attempts} attempts: {err}") from err
+            delay = base_delay * 2 ** (attempt - 1)
+            log.warning("%s failed (%s); retry %d/%d in %.0fs", what, err, attempt, attempts, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def upload_dir(local_dir: str | Path, url: str, attempts: int = 6, base_delay: float = 1.0) -> None:
+    """Copies a local directory to ``url`` (retried); the local directory is left in place."""
+    fs, path = get_fs(url)
+
+    def put() -> None:
+        fs.put(str(local_dir).rstrip("/") + "/", path, recursive=True)
+
+    with_retries(put, f"upload of {local_dir} to {url}", attempts, base_delay)
+
+
+def download_dir(url: str, local_dir: str | Path | None = None) -> Path:
+    """Copies ``url`` (a directory) to a local directory and returns it."""
+    if is_local(url):
+        return Path(url.removeprefix("file://"))
+    target = Path(local_dir or tempfile.mkdtemp(prefix="dino-dl-"))
+    fs, path = get_fs(url)
+
+    def get() -> None:
+        fs.get(path.rstrip("/") + "/", str(target).rstrip("/") + "/", recursive=True)
+
+    with_retries(get, f"download of {url}")
+    return target
+
+
+def download_file(url: str, local_path: str | Path) -> Path:
+    if is_local(url):
+        shutil.copyfile(url.removeprefix("file://"), local_path)
+    else:
+        fs, path = get_fs(url)
+        with_retries(lambda: fs.get(path, str(local_path)), f"download of {url}")
+    return Path(local_path)
+
+
+def list_dirs(url: str) -> list[str]:
+    """Immediate sub-directories of ``url`` as full URLs, sorted; [] if it does not exist."""
+    fs, path = get_fs(url)
+    if not fs.exists(path):
+        return []
+    prefix = url.split("://", 1)[0] + "://" if "://" in url else ""
+    entries = fs.ls(path, detail=True)
+    return sorted(prefix + e["name"] for e in entries if e["type"] == "directory")
+
+
+def exists(url: str) -> bool:
+    fs, path = get_fs(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    if is_local(url):
+        os.makedirs(url.removeprefix("file://"), exist_ok=True)

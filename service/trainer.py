@@ -1,0 +1,135 @@
+"""The driver of a training run: Ray, storage and MLflow around ``service.worker``.
+
+Everything that can be wrong with the config is checked before Ray is started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from service import storage
+from service.config import DinoConfig, flatten, resolve_paths
+from service.tracking import Tracker, default_tracking_uri, git_revision
+from service.worker import RunInfo, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_url: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    backbone: str
+
+
+def init_ray(cfg: DinoConfig, extra_resources: dict[str, float] | None = None) -> None:
+    """A local Ray in this process by default, or the cluster at ``ray.address``.
+
+    ``extra_resources`` are custom resources of the local Ray (a cluster declares its own in
+    ``ray start --resources``)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    else:
+        # address="local" never joins a cluster another process left behind; the dashboard
+        # process hosts the State API that Ray Train's controller polls
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, resources=extra_resources,
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None,
+                 log_to_driver=True, configure_logging=False)
+
+
+def tracking_for(cfg: DinoConfig) -> tuple[str | None, str | None]:
+    if not cfg.tracking.enabled:
+        return None, None
+    if cfg.tracking.uri:
+        return cfg.tracking.uri, None
+    return default_tracking_uri(cfg.storage.root)
+
+
+def storage_kwargs(root: str) -> dict[str, Any]:
+    """RunConfig storage arguments: Ray reads s3:// itself (honouring AWS_ENDPOINT_URL);
+    other fsspec URLs go through a pyarrow wrapper of the fsspec filesystem."""
+    if storage.is_local(root) or root.startswith("s3://"):
+        return {"storage_path": root.removeprefix("file://")}
+    import pyarrow.fs
+
+    fs, path = storage.get_fs(root)
+    return {"storage_path": path,
+            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+
+
+def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    env = {k: v for k, v in os.environ.items()
+           if k.startswith(("AWS_", "MLFLOW_", "DINO_")) and "SECRET" not in k and "TOKEN" not in k}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": asdict(info)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": env} if cfg.ray.address else None,
+            **storage_kwargs(cfg.storage.root),
+        ),
+    )
+
+
+def start_tracking(cfg: DinoConfig, parent_run_id: str | None = None,
+                   extra_tags: dict[str, str] | None = None) -> Tracker | None:
+    uri, artifacts = tracking_for(cfg)
+    if uri is None:
+        return None
+    tags = {"git_revision": git_revision(), "world_size": str(cfg.ray.num_workers),
+            **(extra_tags or {})}
+    tracker = Tracker.start(uri, cfg.tracking.experiment, cfg.run_name, artifacts, tags,
+                            parent_run_id)
+    tracker.log_params(flatten(cfg))
+    return tracker
+
+
+def train(cfg: DinoConfig) -> TrainResult:
+    """Runs (or resumes) ``cfg.run_name`` to the end and returns where everything is."""
+    cfg = resolve_paths(cfg)
+    storage.makedirs(cfg.storage.root)
+    run_url = storage.join(cfg.storage.root, cfg.run_name)
+    tracker = start_tracking(cfg)
+    info = RunInfo(run_url=run_url, tracking_uri=tracker.uri if tracker else None,
+                   mlflow_run_id=tracker.run_id if tracker else None,
+                   local=cfg.ray.address is None)
+    init_ray(cfg)
+    try:
+        result = build_trainer(cfg, info).fit()
+    except BaseException:
+        if tracker:
+            tracker.end("FAILED")
+        raise
+    if tracker:
+        tracker.end("FINISHED")
+    return TrainResult(
+        run_name=cfg.run_name, run_url=run_url,
+        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        metrics=dict(result.metrics or {}),
+        tracking_uri=info.tracking_uri, mlflow_run_id=info.mlflow_run_id,
+        backbone=storage.join(run_url, "teacher_backbone.safetensors"),
+    )

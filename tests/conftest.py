@@ -1,0 +1,94 @@
+"""Session-scoped local services for integration tests, started and stopped by pid."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+
+from service import stack
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the session, then restore what was there before."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def _running(service: stack.Service) -> Iterator[stack.Service]:
+    """Yield ``service``; stop it by pid afterwards, even if the tests failed."""
+    try:
+        yield service
+    finally:
+        stack.stop(service)
+        assert not stack.alive_pids(service), f"{service.name} left processes running"
+
+
+@dataclass
+class S3Server:
+    service: stack.Service
+
+    @property
+    def endpoint_url(self) -> str:
+        return self.service.endpoint_url
+
+    def new_bucket(self, prefix: str = "test") -> str:
+        """Create a bucket with a fresh name and return the name."""
+        return stack.create_bucket(self.service, prefix=prefix)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """moto's S3 server; AWS_ENDPOINT_URL and test credentials are set for the session."""
+    service = stack.start_s3(tmp_path_factory.mktemp("s3"))
+    with _running(service), _environ(service.env):
+        yield S3Server(service)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory) -> Iterator[stack.Service]:
+    """``mlflow server`` on sqlite, artifacts proxied to a bucket; use ``.tracking_uri``."""
+    root = tmp_path_factory.mktemp("mlflow")
+    bucket = s3_server.new_bucket("mlflow")
+    service = stack.start_mlflow(
+        root, f"sqlite:///{root / 'mlflow.db'}", f"s3://{bucket}/", s3=s3_server.service
+    )
+    with _running(service):
+        yield service
+
+
+@pytest.fixture(scope="session")
+def ray_head(s3_server, tmp_path_factory) -> Iterator[stack.Service]:
+    """A ``ray start --head`` cluster with token auth; ``.address``, ``.dashboard_url``.
+
+    Its workers inherit the S3 settings. RAY_AUTH_MODE and RAY_AUTH_TOKEN_PATH are set for
+    the session (for subprocesses); RAY_ADDRESS is not, so a test's own ``ray.init()`` still
+    starts its own cluster. In-process job clients use ``stack.auth_headers(ray_head)``.
+    """
+    # Own short temp dir: Ray's socket paths must stay under 108 characters, and
+    # /tmp/ray/ray_current_cluster is left alone.
+    temp_dir = tempfile.mkdtemp(prefix="dino-ray-")
+    try:
+        service = stack.start_ray_head(
+            tmp_path_factory.mktemp("ray"), temp_dir=temp_dir, env=s3_server.service.env
+        )
+        auth = {k: v for k, v in service.env.items() if k.startswith("RAY_AUTH")}
+        with _running(service), _environ(auth):
+            yield service
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)

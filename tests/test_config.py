@@ -1,0 +1,120 @@
+"""Configuration: presets, YAML, overrides, validation messages, path resolution."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from service.config import ConfigError, flatten, load_config, resolve_paths, to_yaml
+from service.data import ShardSampler
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    for k in ("DINO_STORAGE", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def test_defaults_are_the_papers():
+    c = load_config()
+    assert (c.model.arch, c.model.patch_size, c.model.out_dim) == ("vit_small", 16, 65536)
+    assert (c.loss.student_temp, c.loss.teacher_temp, c.loss.center_momentum) == (0.1, 0.04, 0.9)
+    assert (c.optim.momentum_teacher, c.optim.lr, c.optim.warmup_epochs) == (0.996, 5e-4, 10)
+    assert (c.optim.weight_decay, c.optim.weight_decay_end, c.optim.clip_grad) == (0.04, 0.4, 3.0)
+    assert (c.optim.freeze_last_layer, c.model.drop_path_rate) == (1, 0.1)
+    assert (c.aug.global_size, c.aug.local_size) == (224, 96)
+
+
+def test_preset_file_and_overrides_in_order(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train: {epochs: 7, batch_size: 32}\noptim: {lr: 0.002}\n")
+    c = load_config("quickstart", str(f), ["optim.lr=1e-3", "data.path=/imgs", "train.seed=3"])
+    assert c.run_name == "quickstart"  # from the preset
+    assert c.train.epochs == 7 and c.train.batch_size == 32  # file over preset
+    assert c.optim.lr == 1e-3  # override over file
+    assert c.data.path == "/imgs" and c.train.seed == 3
+
+
+@pytest.mark.parametrize(
+    "override, field, allowed",
+    [
+        ("optim.lr=-1", "optim.lr", "greater than 0"),
+        ("loss.teacher_temp=0", "loss.teacher_temp", "greater than 0"),
+        ("optim.momentum_teacher=1.0", "optim.momentum_teacher", "less than 1"),
+        ("optim.momentum_teacher=-0.1", "optim.momentum_teacher", "greater than or equal to 0"),
+        ("model.arch=vit_huge", "model.arch", "'vit_tiny', 'vit_small', 'vit_base' or 'resnet50'"),
+        ("train.bogus=1", "train.bogus", "unknown key; allowed keys here: epochs"),
+        ("bogus=1", "bogus", "unknown key"),
+        ("storage.root=ftp://host/x", "storage", "unknown storage scheme 'ftp'"),
+        ("train.precision=fp8", "train.precision", "'auto', 'fp32', 'bf16' or 'fp16'"),
+        ("aug.local_size=300", "aug", "local_size (300) must be <= global_size (224)"),
+    ],
+)
+def test_invalid_values_name_field_and_allowed(override, field, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, None, [override])
+    msg = str(e.value)
+    assert f"{field}:" in msg and allowed in msg, msg
+
+
+def test_batch_not_divisible_by_workers():
+    with pytest.raises(ConfigError, match=r"train.batch_size \(10\) must be divisible by ray.num_workers \(3\)"):
+        load_config(None, None, ["train.batch_size=10", "ray.num_workers=3"])
+
+
+def test_bad_override_syntax_and_unknown_preset():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, None, ["optim.lr"])
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; available: .*quickstart"):
+        load_config("nope")
+
+
+def test_environment_defaults(monkeypatch):
+    monkeypatch.setenv("DINO_STORAGE", "s3://bucket/runs")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    c = load_config("quickstart")
+    assert c.storage.root == "s3://bucket/runs" and c.tracking.uri == "http://127.0.0.1:5000"
+    assert load_config("quickstart", None, ["storage.root=/x"]).storage.root == "/x"
+
+
+def test_resolve_paths_makes_local_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    c = resolve_paths(load_config(None, None, ["storage.root=runs", "data.path=imgs"]))
+    assert c.storage.root == str(tmp_path / "runs") and Path(c.data.path).is_absolute()
+    c = resolve_paths(load_config(None, None, ["storage.root=s3://b/r"]))
+    assert c.storage.root == "s3://b/r" and c.data.path == "procedural"
+
+
+def test_yaml_round_trip_and_flatten(tmp_path):
+    c = load_config("quickstart", None, ["optim.lr=0.003"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(to_yaml(c))
+    assert load_config(None, str(f)) == c
+    flat = flatten(c)
+    assert flat["optim.lr"] == 0.003 and flat["model.arch"] == "vit_tiny"
+
+
+def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", "--preset", "quickstart", "optim.lr=-1",
+         f"storage.root={tmp_path}"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    assert out.returncode == 2
+    assert "optim.lr: Input should be greater than 0" in out.stderr
+    assert "ray" not in out.stdout.lower()
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_are_disjoint_equal_and_cover(world):
+    n = 100
+    shards = [list(ShardSampler(n, r, world, seed=0, epoch=1)) for r in range(world)]
+    flat = [i for s in shards for i in s]
+    assert len(set(flat)) == len(flat) == (n // world) * world
+    assert all(len(s) == n // world for s in shards)
+    assert list(ShardSampler(n, 0, world, 0, 1, skip=5)) == shards[0][5:]
+    assert list(ShardSampler(n, 0, world, 0, 2)) != shards[0]  # reshuffled per epoch

@@ -1,0 +1,18 @@
+"""dino_core stays pure PyTorch."""
+
+import subprocess
+import sys
+
+FORBIDDEN = ("ray", "mlflow", "fsspec", "s3fs", "boto3", "botocore", "gcsfs")
+
+
+def test_dino_core_imports_no_service_dependencies():
+    code = (
+        "import sys, dino_core, dino_core.data, dino_core.eval, dino_core.augment;"
+        "import pkgutil, importlib;"
+        "[importlib.import_module(m.name) for m in pkgutil.walk_packages(dino_core.__path__, 'dino_core.')];"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {FORBIDDEN!r}];"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"dino_core pulled in: {out.stdout.strip()}"
