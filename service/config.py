@@ -66,6 +66,15 @@ class AugConfig(_Section):
     n_local: int = Field(10, ge=0, le=64, description="local crops: 2x224 + 10x96 is Table 10's")
     global_scale: tuple[float, float] = Field((0.4, 1.0), description="RandomResizedCrop scale")
     local_scale: tuple[float, float] = Field((0.05, 0.4), description="RandomResizedCrop scale")
+    backend: Literal["auto", "per_image", "batched"] = Field(
+        "auto",
+        description="per_image: torchvision v2 in loader workers (reference semantics); "
+        "batched: whole-batch tensor ops on the training device (GPU) after decoding to a "
+        "square canvas; auto: batched",
+    )
+    canvas_size: int | None = Field(
+        None, ge=8, description="batched: decoded canvas side (default global_size * 8 / 7)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AugConfig:

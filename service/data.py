@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dino_core.augment import MultiCropAugmentation, eval_transform
+from dino_core.augment_batched import BatchedMultiCrop, ToCanvas
 from dino_core.data.collate import collate_multicrop
 from dino_core.data.folder import IMAGE_EXTENSIONS, ImageFolder, load_rgb
 from dino_core.data.procedural import ProceduralShapes
@@ -77,12 +78,33 @@ def open_images(path: str, transform: Callable, size: int, seed: int, cfg: DinoC
     return ImageFolder(path.removeprefix("file://"), transform=transform)
 
 
+def batched(cfg: DinoConfig) -> bool:
+    return cfg.aug.backend in ("auto", "batched")
+
+
+def canvas_size(cfg: DinoConfig) -> int:
+    return cfg.aug.canvas_size or round(cfg.aug.global_size * 8 / 7)
+
+
 def train_dataset(cfg: DinoConfig) -> Dataset:
+    """Per-image backend: items are lists of crops. Batched backend: items are uint8
+    canvases, cropped on the device by ``batched_augmentation``."""
     a = cfg.aug
-    aug = MultiCropAugmentation(a.global_size, a.local_size, a.n_local, tuple(a.global_scale),
-                                tuple(a.local_scale))
+    if batched(cfg):
+        tf: Callable = ToCanvas(canvas_size(cfg))
+    else:
+        tf = MultiCropAugmentation(a.global_size, a.local_size, a.n_local,
+                                   tuple(a.global_scale), tuple(a.local_scale))
     d = cfg.data
-    return open_images(d.path, aug, d.procedural_size, d.seed, cfg)
+    return open_images(d.path, tf, d.procedural_size, d.seed, cfg)
+
+
+def batched_augmentation(cfg: DinoConfig) -> BatchedMultiCrop | None:
+    if not batched(cfg):
+        return None
+    a = cfg.aug
+    return BatchedMultiCrop(a.global_size, a.local_size, a.n_local, tuple(a.global_scale),
+                            tuple(a.local_scale))
 
 
 def eval_datasets(cfg: DinoConfig) -> tuple[Dataset, Dataset]:

@@ -36,6 +36,14 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def with_scheme(path: str, like: str) -> str:
+    """``bucket/key`` -> ``s3://bucket/key`` when ``like`` is an s3:// URL (Ray reports
+    checkpoint paths inside the filesystem, without the scheme)."""
+    if "://" in path or "://" not in like:
+        return path
+    return like.split("://", 1)[0] + "://" + path.lstrip("/")
+
+
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 

@@ -57,9 +57,10 @@ def tracking_for(cfg: DinoConfig) -> tuple[str | None, str | None]:
 
 
 def storage_kwargs(root: str) -> dict[str, Any]:
-    """RunConfig storage arguments: Ray reads s3:// itself (honouring AWS_ENDPOINT_URL);
-    other fsspec URLs go through a pyarrow wrapper of the fsspec filesystem."""
-    if storage.is_local(root) or root.startswith("s3://"):
+    """RunConfig storage arguments. Remote URLs go through the same fsspec filesystem as the
+    rest of the service (s3fs honours AWS_ENDPOINT_URL and the AWS variables), wrapped for
+    pyarrow; pyarrow's own S3 client failed multipart uploads against S3-compatible servers."""
+    if storage.is_local(root):
         return {"storage_path": root.removeprefix("file://")}
     import pyarrow.fs
 
@@ -128,7 +129,7 @@ def train(cfg: DinoConfig) -> TrainResult:
         tracker.end("FINISHED")
     return TrainResult(
         run_name=cfg.run_name, run_url=run_url,
-        checkpoint=result.checkpoint.path if result.checkpoint else None,
+        checkpoint=storage.with_scheme(result.checkpoint.path, run_url) if result.checkpoint else None,
         metrics=dict(result.metrics or {}),
         tracking_uri=info.tracking_uri, mlflow_run_id=info.mlflow_run_id,
         backbone=storage.join(run_url, "teacher_backbone.safetensors"),

@@ -38,8 +38,13 @@ def procedural_set(cfg: DinoConfig | None, length: int) -> ProceduralShapes:
     """The run's procedural generator on the seed of its validation split (images it never
     trained on), with the run's image size, classes and clutter."""
     d = (cfg or DinoConfig()).data
-    return ProceduralShapes(length, d.procedural_image_size, d.procedural_classes,
-                            d.seed + data.EVAL_VAL_SEED_OFFSET, clutter=d.procedural_clutter)
+    return ProceduralShapes(
+        length,
+        d.procedural_image_size,
+        d.procedural_classes,
+        d.seed + data.EVAL_VAL_SEED_OFFSET,
+        clutter=d.procedural_clutter,
+    )
 
 
 def read_image(uri: str, size_hint: int | None = None) -> Image.Image:
@@ -115,16 +120,22 @@ def attention_pictures(
     for name, pic in pictures.items():
         pic.save(out / name)
         paths.append(str(out / name))
-    res: dict[str, Any] = {"paths": paths, "heads": int(attn.shape[0]), "patch_size": p,
-                           "height": height, "width": width}
+    res: dict[str, Any] = {
+        "paths": paths,
+        "heads": int(attn.shape[0]),
+        "patch_size": p,
+        "height": height,
+        "width": width,
+    }
     if gt is not None:
         target = _gt_like(gt, picture, image_size, rgb)
         res["image_jaccard"] = [jaccard(m, target) for m in masks]
     return res
 
 
-def _gt_like(gt: np.ndarray, picture: Image.Image, image_size: int | None,
-             rgb: np.ndarray) -> np.ndarray:
+def _gt_like(
+    gt: np.ndarray, picture: Image.Image, image_size: int | None, rgb: np.ndarray
+) -> np.ndarray:
     """The ground-truth mask resized and cropped exactly as ``prepare_image`` did the image."""
     mask = Image.fromarray(gt)
     if image_size is not None:
@@ -134,8 +145,9 @@ def _gt_like(gt: np.ndarray, picture: Image.Image, image_size: int | None,
     return np.asarray(mask)[: rgb.shape[0], : rgb.shape[1]]
 
 
-def jaccard_report(checkpoint: str, n: int, image_size: int | None = None,
-                   keep: float = 0.6) -> dict[str, Any]:
+def jaccard_report(
+    checkpoint: str, n: int, image_size: int | None = None, keep: float = 0.6
+) -> dict[str, Any]:
     """Mean Jaccard of each head's ``keep``-mass mask with the object masks of the first ``n``
     images of the run's procedural validation set (the paper's Table 7 protocol)."""
     model, cfg = load_backbone(checkpoint)

@@ -110,6 +110,7 @@ class Worker:
             else None
         )
         self.dataset = data.train_dataset(cfg)
+        self.augment = data.batched_augmentation(cfg)
         self.niter_per_ep = data.steps_per_epoch(len(self.dataset), cfg, self.world)
 
         self.student, self.teacher = build_networks(network_spec(cfg))
@@ -167,16 +168,17 @@ class Worker:
         if latest is not None:
             # same run name: continue from the last reported checkpoint, falling back to an
             # older one if the latest is damaged
-            candidates = ckpt.checkpoint_dirs(self.info.run_url)
+            latest_url = storage.with_scheme(str(latest.path), self.info.run_url)
             with latest.as_directory() as d:
                 try:
                     ckpt.verify(d)
-                    found = (latest.path, ckpt.load_checkpoint(d))
+                    found = (latest_url, ckpt.load_checkpoint(d))
                 except ckpt.CheckpointError as err:
                     log.warning("latest checkpoint %s is damaged (%s); trying older ones",
-                                latest.path, err)
+                                latest_url, err)
             if found is None:
-                older = [c for c in candidates if c.rstrip("/") != str(latest.path).rstrip("/")]
+                older = [c for c in ckpt.checkpoint_dirs(self.info.run_url)
+                         if c.rstrip("/") != latest_url.rstrip("/")]
                 found = ckpt.load_latest_valid(older)
         elif self.cfg.train.resume:
             found = (self.cfg.train.resume, ckpt.load_checkpoint(self.cfg.train.resume))
@@ -238,10 +240,17 @@ class Worker:
             loader = data.train_loader(self.dataset, cfg, self.rank, self.world, self.epoch,
                                        self.batch_in_epoch, pin)
             window_start, window_images = time.time(), 0
-            for crops, _labels, n_skipped in loader:
+            # the batched augmentation draws from its own generator, seeded like the loader's
+            aug_gen = torch.Generator().manual_seed(
+                int(np.random.default_rng((t.seed, self.rank, self.epoch, self.batch_in_epoch,
+                                           7)).integers(2**62)))
+            for batch, _labels, n_skipped in loader:
                 step_start = time.time()
                 self.skipped_images += n_skipped
-                crops = [c.to(self.device, non_blocking=True) for c in crops]
+                if self.augment is not None:
+                    crops = self.augment(batch.to(self.device, non_blocking=True), aug_gen)
+                else:
+                    crops = [c.to(self.device, non_blocking=True) for c in batch]
                 values = self.sched.at(self.global_step)
                 try:
                     out = train_step(

@@ -56,8 +56,10 @@ def test_two_workers_s3_mlflow_then_resume_from_bucket(s3_server, mlflow_server)
     assert "k-NN top-1" in first.stdout
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-    entries = [p.split("/")[-1] for p in fs.ls(f"{bucket}/runs/s3run")]
-    ckpts = sorted(e for e in entries if e.startswith("checkpoint_"))
+    listing = fs.ls(f"{bucket}/runs/s3run", detail=True)
+    entries = [e["name"].split("/")[-1] for e in listing]
+    ckpts = sorted(e["name"].split("/")[-1] for e in listing
+                   if e["type"] == "directory" and "/checkpoint_" in e["name"])
     assert len(ckpts) == 2 and "teacher_backbone.safetensors" in entries
     assert fs.exists(f"{bucket}/runs/s3run/{ckpts[-1]}/manifest.json")
     assert fs.exists(f"{bucket}/runs/s3run/{ckpts[-1]}/state.pt")
@@ -91,7 +93,7 @@ def test_resumed_loss_curve_matches_uninterrupted(tmp_path):
     common = [*TINY, f"storage.root={root}", "train.epochs=3", "ray.num_workers=1"]
     dino("train", *common, "run_name=straight")
     interrupted = dino("train", *common, "run_name=split", "train.max_steps=16")
-    assert "resumed" not in interrupted.stdout
+    assert "[dino] resumed" not in interrupted.stdout
     resumed = dino("train", *common, "run_name=split")
     assert "at epoch 2 step 16" in resumed.stdout + resumed.stderr
 
@@ -129,10 +131,11 @@ def _center_loop(config: dict) -> None:
                                     "teacher_temp": 0.04},
                step=0, freeze_last_layer=False, ema_params=ema_parameter_lists(teacher, student),
                cfg=StepConfig(all_reduce_mean=reduce), clip_module=student)
-    ray.train.report({"center": loss_fn.center.flatten().tolist()})
+    torch.save(loss_fn.center, os.path.join(config["out"], f"center-w{world}-r{rank}.pt"))
+    ray.train.report({})
 
 
-def test_two_worker_center_equals_one_worker_center():
+def test_two_worker_center_equals_one_worker_center(monkeypatch, tmp_path):
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -144,17 +147,21 @@ def test_two_worker_center_equals_one_worker_center():
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)] + \
         [torch.randn(8, 3, 8, 8, generator=g) for _ in range(2)]
+    # Ray workers import this module by name to run _center_loop
+    here = os.path.dirname(os.path.abspath(__file__))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
-        centers = []
         for world in (1, 2):
-            res = TorchTrainer(
-                _center_loop, train_loop_config={"spec": spec, "crops": crops},
+            TorchTrainer(
+                _center_loop, train_loop_config={"spec": spec, "crops": crops, "out": str(tmp_path)},
                 scaling_config=ray.train.ScalingConfig(num_workers=world,
                                                        resources_per_worker={"CPU": 0.5}),
+                run_config=ray.train.RunConfig(name=f"center{world}", storage_path=str(tmp_path)),
             ).fit()
-            centers.append(torch.tensor(res.metrics["center"]))
     finally:
         ray.shutdown()
-    assert centers[0].abs().sum() > 0
-    assert torch.allclose(centers[0], centers[1], atol=1e-6)
+    one = torch.load(tmp_path / "center-w1-r0.pt")
+    assert one.abs().sum() > 0
+    for rank in (0, 1):  # every worker of the 2-worker run holds the global-batch center
+        assert torch.allclose(torch.load(tmp_path / f"center-w2-r{rank}.pt"), one, atol=1e-6)

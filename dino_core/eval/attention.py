@@ -26,6 +26,7 @@ from dino_core.models.vit_features import last_self_attention
 
 # Anchors of matplotlib's perceptually uniform maps at 0, 1/8, ..., 1 (sRGB 0-255); lightness
 # rises monotonically along both, so brighter always means more attention.
+# fmt: off
 COLORMAPS: dict[str, np.ndarray] = {
     "inferno": np.array(
         [(0, 0, 4), (31, 12, 72), (85, 15, 109), (136, 34, 106), (186, 54, 85),
@@ -34,6 +35,7 @@ COLORMAPS: dict[str, np.ndarray] = {
         [(68, 1, 84), (71, 44, 122), (59, 81, 139), (44, 113, 142), (33, 144, 141),
          (39, 173, 129), (92, 200, 99), (170, 220, 50), (253, 231, 37)], dtype=np.float32),
 }
+# fmt: on
 
 
 def vit_patch_size(vit: VisionTransformer) -> int:
@@ -185,8 +187,9 @@ def image_grid(tiles: Sequence[Image.Image], ncols: int | None = None, pad: int 
     ncols = ncols or len(tiles)
     nrows = -(-len(tiles) // ncols)
     w, h = tiles[0].size
-    canvas = Image.new("RGB", (ncols * w + (ncols + 1) * pad, nrows * h + (nrows + 1) * pad),
-                       (255, 255, 255))
+    canvas = Image.new(
+        "RGB", (ncols * w + (ncols + 1) * pad, nrows * h + (nrows + 1) * pad), (255, 255, 255)
+    )
     for i, tile in enumerate(tiles):
         r, c = divmod(i, ncols)
         canvas.paste(tile.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
@@ -194,7 +197,10 @@ def image_grid(tiles: Sequence[Image.Image], ncols: int | None = None, pad: int 
 
 
 def attention_grid(
-    image: np.ndarray, attn: torch.Tensor, ncols: int | None = None, alpha: float = 0.5,
+    image: np.ndarray,
+    attn: torch.Tensor,
+    ncols: int | None = None,
+    alpha: float = 0.5,
     cmap: str = "inferno",
 ) -> Image.Image:
     """The image, then one heat-map overlay per head ``attn (heads, h, w)``, as one picture
@@ -236,7 +242,9 @@ def mask_jaccard_over_dataset(
             image, _, mask = dataset.sample(i)
             if image_size is not None and image_size != image.width:
                 image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-                mask = np.asarray(Image.fromarray(mask).resize(image.size, Image.Resampling.NEAREST))
+                mask = np.asarray(
+                    Image.fromarray(mask).resize(image.size, Image.Resampling.NEAREST)
+                )
             x, _ = prepare_image(image, p)
             xs.append(x)
             gts.append(np.asarray(mask)[: x.shape[-2], : x.shape[-1]])
@@ -246,5 +254,10 @@ def mask_jaccard_over_dataset(
     vit.train(was_training)
     per_head = torch.tensor(scores, dtype=torch.float64).mean(dim=0)
     best = int(per_head.argmax())
-    return {"per_head": per_head.tolist(), "best_head": best, "best": float(per_head[best]),
-            "mean": float(per_head.mean()), "n": n}
+    return {
+        "per_head": per_head.tolist(),
+        "best_head": best,
+        "best": float(per_head[best]),
+        "mean": float(per_head.mean()),
+        "n": n,
+    }

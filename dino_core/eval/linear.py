@@ -27,12 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dino_core.augment import IMAGENET_MEAN, IMAGENET_STD
 from dino_core.data.collate import collate_multicrop
-from dino_core.models.backbone import is_vit
+from dino_core.models.backbone import embed_dim_of
 from dino_core.models.vit_features import intermediate_features
 
 
@@ -63,13 +64,15 @@ def linear_train_transform(
 ) -> T.Compose:
     """RandomResizedCrop (torchvision's default scale, as the reference) + horizontal flip,
     mapping an RGB PIL image or uint8 tensor to float32 ``(3, size, size)``."""
-    return T.Compose([
-        T.ToImage(),
-        T.RandomResizedCrop(size, scale=scale, antialias=True),
-        T.RandomHorizontalFlip(),
-        T.ToDtype(torch.float32, scale=True),
-        T.Normalize(mean=list(mean), std=list(std)),
-    ])
+    return T.Compose(
+        [
+            T.ToImage(),
+            T.RandomResizedCrop(size, scale=scale, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
 
 
 @torch.no_grad()
@@ -77,15 +80,16 @@ def probe_features(
     backbone: nn.Module, x: torch.Tensor, n_last_blocks: int = 4, avgpool: bool = False
 ) -> torch.Tensor:
     """Frozen features ``(B, D_probe)`` of images ``(B, 3, H, W)``; see :func:`probe_dim`."""
-    if is_vit(backbone):
+    if isinstance(backbone, VisionTransformer):
         return intermediate_features(backbone, x, n_last_blocks, avgpool)
     return backbone(x)
 
 
 def probe_dim(backbone: nn.Module, n_last_blocks: int = 4, avgpool: bool = False) -> int:
     """Width of :func:`probe_features`: ``(n_last_blocks + avgpool) * D`` for a ViT, else ``D``."""
-    dim = int(backbone.embed_dim)
-    return (n_last_blocks + int(avgpool)) * dim if is_vit(backbone) else dim
+    dim = embed_dim_of(backbone)
+    vit = isinstance(backbone, VisionTransformer)
+    return (n_last_blocks + int(avgpool)) * dim if vit else dim
 
 
 def cosine_factor(epoch: int, epochs: int) -> float:
@@ -96,8 +100,12 @@ def cosine_factor(epoch: int, epochs: int) -> float:
 
 @torch.no_grad()
 def evaluate_linear(
-    backbone: nn.Module, classifier: nn.Module, loader: DataLoader, n_last_blocks: int = 4,
-    avgpool: bool = False, device: torch.device | str = "cpu",
+    backbone: nn.Module,
+    classifier: nn.Module,
+    loader: DataLoader,
+    n_last_blocks: int = 4,
+    avgpool: bool = False,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy of the probe over ``loader``."""
     classifier.eval()
@@ -152,7 +160,8 @@ def train_linear(
         checkpoint_path: local file written after every epoch; if it exists the run resumes.
         num_workers: data loader processes.
         weight_decay: SGD weight decay (reference: 0).
-        seed: seeds each epoch's shuffling and crops together with the epoch index.
+        seed: seeds the probe's init, and each epoch's shuffling and crops together with the
+            epoch index.
         on_epoch_end: called as ``on_epoch_end(epoch, {"train_loss", "lr"})`` after the
             checkpoint of ``epoch`` (0-based) is written; progress output or tests' interrupts.
 
@@ -161,50 +170,103 @@ def train_linear(
         "resumed_from", "classifier"}``: accuracies in %, ``train_loss`` of the last epoch run
         here (NaN if the checkpoint was already complete), ``classifier`` the trained module.
     """
+    if epochs < 1 or batch_size < 1 or num_classes < 2:
+        raise ValueError(
+            f"need epochs >= 1, batch_size >= 1 and num_classes >= 2, got {epochs}, "
+            f"{batch_size} and {num_classes}"
+        )
     device = torch.device(device)
     backbone = backbone.to(device).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     dim = probe_dim(backbone, n_last_blocks, avgpool)
-    classifier = LinearClassifier(dim, num_classes).to(device)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr * batch_size / 256.0,
-                                momentum=0.9, weight_decay=weight_decay)
+    with torch.random.fork_rng(devices=[]):  # the probe's init depends on `seed` alone
+        torch.manual_seed(seed)
+        classifier = LinearClassifier(dim, num_classes).to(device)
+    optimizer = torch.optim.SGD(
+        classifier.parameters(), lr=lr * batch_size / 256.0, momentum=0.9, weight_decay=weight_decay
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: cosine_factor(e, epochs))
     start = 0
     if checkpoint_path is not None and Path(checkpoint_path).is_file():
         state = torch.load(checkpoint_path, map_location=device, weights_only=True)
         if state["dim"] != dim or state["num_classes"] != num_classes:
-            raise ValueError(f"{checkpoint_path} holds a probe of dim {state['dim']} and "
-                             f"{state['num_classes']} classes, not {dim} and {num_classes}")
+            raise ValueError(
+                f"{checkpoint_path} holds a probe of dim {state['dim']} and "
+                f"{state['num_classes']} classes, not {dim} and {num_classes}"
+            )
         classifier.load_state_dict(state["classifier"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = int(state["epoch"])
+        # a resume with another `epochs` continues on the new curve from this epoch on
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * cosine_factor(start, epochs)
     train_loss = float("nan")
     for epoch in range(start, epochs):
         classifier.train()
-        train_loss = _train_epoch(backbone, classifier, optimizer, train_ds, batch_size,
-                                  num_workers, n_last_blocks, avgpool, device, (seed, epoch))
+        train_loss = _train_epoch(
+            backbone,
+            classifier,
+            optimizer,
+            train_ds,
+            batch_size,
+            num_workers,
+            n_last_blocks,
+            avgpool,
+            device,
+            (seed, epoch),
+        )
         lr_now = optimizer.param_groups[0]["lr"]
         scheduler.step()
         if checkpoint_path is not None:
-            _save(checkpoint_path, {"classifier": classifier.state_dict(),
-                                    "optimizer": optimizer.state_dict(),
-                                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                                    "dim": dim, "num_classes": num_classes})
+            _save(
+                checkpoint_path,
+                {
+                    "classifier": classifier.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                    "dim": dim,
+                    "num_classes": num_classes,
+                },
+            )
         if on_epoch_end is not None:
             on_epoch_end(epoch, {"train_loss": train_loss, "lr": lr_now})
-    val_loader = DataLoader(val_ds, batch_size=batch_size, shuffle=False,
-                            num_workers=num_workers, collate_fn=collate_multicrop)
+    val_loader = DataLoader(
+        val_ds,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_multicrop,
+    )
     res = evaluate_linear(backbone, classifier, val_loader, n_last_blocks, avgpool, device)
-    return {"top1": res["top1"], "top5": res["top5"], "val_loss": res["loss"],
-            "train_loss": train_loss, "epochs": epochs, "n_val": res["n"],
-            "num_classes": num_classes, "dim": dim, "resumed_from": start,
-            "classifier": classifier}
+    return {
+        "top1": res["top1"],
+        "top5": res["top5"],
+        "val_loss": res["loss"],
+        "train_loss": train_loss,
+        "epochs": epochs,
+        "n_val": res["n"],
+        "num_classes": num_classes,
+        "dim": dim,
+        "resumed_from": start,
+        "classifier": classifier,
+    }
 
 
-def _train_epoch(backbone, classifier, optimizer, dataset, batch_size, num_workers,
-                 n_last_blocks, avgpool, device, seed: tuple[int, int]) -> float:
+def _train_epoch(
+    backbone,
+    classifier,
+    optimizer,
+    dataset,
+    batch_size,
+    num_workers,
+    n_last_blocks,
+    avgpool,
+    device,
+    seed: tuple[int, int],
+) -> float:
     """One epoch of SGD on the probe; returns the mean training loss."""
     # Main-process crops draw from torch's global generator: seed it for this epoch only
     # (fork_rng restores it afterwards), and the loader's generator seeds order and workers.
@@ -212,9 +274,14 @@ def _train_epoch(backbone, classifier, optimizer, dataset, batch_size, num_worke
     total, count = 0.0, 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(epoch_seed)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                            collate_fn=collate_multicrop,
-                            generator=torch.Generator().manual_seed(epoch_seed))
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=num_workers,
+            collate_fn=collate_multicrop,
+            generator=torch.Generator().manual_seed(epoch_seed),
+        )
         for images, labels, *_ in loader:
             if labels.numel() == 0:
                 continue
