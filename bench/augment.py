@@ -16,7 +16,7 @@ Settings: ``paper`` (2 x 224 + 10 x 96 px crops of 256 px images) and ``small`` 
 4 x 16 of 48 px). Each timing is the best of ``--reps`` repetitions after one warm-up, since
 other processes on a shared machine only ever slow a repetition down.
 
-Usage: ``python bench/augment.py [--device cuda] [--quick]`` (about 30 s on one core).
+Usage: ``python bench/augment.py [--device cuda] [--quick]`` (about 15 s on one core).
 """
 
 from __future__ import annotations
@@ -141,22 +141,48 @@ def run_setting(name: str, reps: int, scale: float, device: str) -> None:
     random.seed(0)
     torch.manual_seed(0)
     ref = reference_v1(g, loc, n_local)
-    rate_a = _emit(name, "a_reference_v1_pil", "cpu", n_img,
-                   _best_seconds(lambda: [ref(im) for im in pil], reps, nothing), n_crops)
+    rate_a = _emit(
+        name,
+        "a_reference_v1_pil",
+        "cpu",
+        n_img,
+        _best_seconds(lambda: [ref(im) for im in pil], reps, nothing),
+        n_crops,
+    )
 
     ours = MultiCropAugmentation(g, loc, n_local)
-    _emit(name, "b_multicrop_v2", "cpu", n_img,
-          _best_seconds(lambda: [ours(im) for im in pil], reps, nothing), n_crops, rate_a)
+    _emit(
+        name,
+        "b_multicrop_v2",
+        "cpu",
+        n_img,
+        _best_seconds(lambda: [ours(im) for im in pil], reps, nothing),
+        n_crops,
+        rate_a,
+    )
 
     batched = BatchedMultiCrop(g, loc, n_local)
     canvas = torch.stack([decode_to_canvas(im, side) for im in _images(batch, side, seed=1)])
     gen = torch.Generator().manual_seed(0)
-    _emit(name, "c_batched_cpu", "cpu", batch,
-          _best_seconds(lambda: batched(canvas, gen), reps, nothing), n_crops, rate_a)
+    _emit(
+        name,
+        "c_batched_cpu",
+        "cpu",
+        batch,
+        _best_seconds(lambda: batched(canvas, gen), reps, nothing),
+        n_crops,
+        rate_a,
+    )
 
     wide = _images(n_img, side * 5 // 3, seed=2, height=side * 4 // 3)  # 5:4, decoded
-    _emit(name, "canvas", "cpu", n_img,
-          _best_seconds(lambda: [decode_to_canvas(im, side) for im in wide], reps, nothing), 1)
+    _emit(
+        name,
+        "canvas",
+        "cpu",
+        n_img,
+        _best_seconds(lambda: [decode_to_canvas(im, side) for im in wide], reps, nothing),
+        1,
+    )
 
     if device == "cuda":
         if not torch.cuda.is_available():
@@ -164,23 +190,34 @@ def run_setting(name: str, reps: int, scale: float, device: str) -> None:
             return
         n = CUDA_BATCH[name]
         on_gpu = canvas[torch.arange(n) % canvas.shape[0]].to("cuda")
-        _emit(name, "c_batched_cuda", torch.cuda.get_device_name(), n,
-              _best_seconds(lambda: batched(on_gpu, gen), reps, torch.cuda.synchronize),
-              n_crops, rate_a)
+        _emit(
+            name,
+            "c_batched_cuda",
+            torch.cuda.get_device_name(),
+            n,
+            _best_seconds(lambda: batched(on_gpu, gen), reps, torch.cuda.synchronize),
+            n_crops,
+            rate_a,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                        help="cuda: also time the batched path on the GPU")
+    parser.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: also time the batched path on the GPU",
+    )
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions (best is kept)")
     parser.add_argument("--quick", action="store_true", help="quarter the counts (a smoke run)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
     args = parser.parse_args()
     torch.set_num_threads(1)  # per-core figures: a DataLoader worker is one core
     for name in args.settings:
-        run_setting(name, args.reps if not args.quick else 1, 0.25 if args.quick else 1.0,
-                    args.device)
+        run_setting(
+            name, args.reps if not args.quick else 1, 0.25 if args.quick else 1.0, args.device
+        )
 
 
 if __name__ == "__main__":

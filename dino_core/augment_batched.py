@@ -1,35 +1,41 @@
 """DINO multi-crop augmentation for a whole batch at once, on any device.
 
-:class:`dino_core.augment.MultiCropAugmentation` runs image by image in a DataLoader worker:
-about a hundred small images per second per core, which leaves CPU training data-bound and
-cannot feed a GPU. Here one call maps a uint8 batch ``(B, 3, H, W)`` to all ``2 + n_local``
-views with the same distributions (Caron et al., 2021, Appendix D; BYOL's colour chain), each
-crop drawing its own parameters: the crop boxes come from torchvision's RandomResizedCrop
-sampler, vectorised (:func:`sample_boxes`); one ``F.grid_sample`` resamples many crops; every
-photometric op runs on the subset of crops that drew it, with per-crop factors.
+The per-image :class:`dino_core.augment.MultiCropAugmentation` runs in DataLoader workers at
+~200 small images (2 x 32 + 4 x 16 px) per second per core, which leaves CPU training
+data-bound, and no number of CPU workers keeps an H100 fed at paper sizes. Here one call maps a
+uint8 batch ``(B, 3, H, W)`` to all ``2 + n_local`` views with the same distributions (Caron et
+al., 2021, Appendix D; BYOL's colour chain), each crop drawing its own parameters: boxes come
+from torchvision's RandomResizedCrop sampler, vectorised (:func:`sample_boxes`); one
+``F.grid_sample`` resamples many crops; each photometric op runs on the crops that drew it,
+with per-crop factors. On one core (``bench/augment.py``) that is ~6,000 small images/s (15x
+the reference's PIL pipeline) and ~110 paper-size images/s (2x). Typical use: a DataLoader
+yields uint8 canvases (:class:`ToCanvas`), the training loop moves them to the GPU and calls
+:class:`BatchedMultiCrop` there.
 
 Deviations from the per-image pipeline, all deliberate:
 
 - Resampling is bilinear without antialiasing; the reference uses bicubic (antialiased on
   tensors). On one CPU core ``grid_sample`` is 3.2x slower in bicubic mode (which has no
-  antialiasing either), and ``roi_align(sampling_ratio=2)``, which would average 2x2 taps,
-  was 3-6x slower than bilinear ``grid_sample``. The paper's crops shrink by at most ~1.7x
-  (a 40% local crop of a 256 px canvas to 96 px), where bilinear aliasing stays mild, and
-  half of the local crops are blurred anyway.
+  antialiasing either), and ``roi_align(aligned=True, sampling_ratio=2)``, which averages
+  2 x 2 bilinear taps, was 3-6x slower than bilinear ``grid_sample``. The paper's crops shrink
+  by at most ~1.7x (a 40% local crop of a 256 px canvas to 96 px), where bilinear aliasing
+  stays mild, and half of the local crops are blurred anyway.
 - Crops come from a square canvas (:func:`decode_to_canvas`: shorter side resized, then
   centre-cropped), not from the full decoded image: the sides of non-square images are never
   seen, and crop areas are fractions of the canvas.
 - Taps at a crop's border may read the pixel just outside its box (torchvision crops first,
   then resizes); values stay float32 between ops (the reference rounds to uint8 after each).
-- ColorJitter's random order of its four ops is kept, drawn per crop.
+- None in the colour chain: ColorJitter's random order of its four ops is drawn per crop, and
+  each op's maths is torchvision's (checked against ``transforms.v2.functional``).
 
 Randomness: every draw is made on the CPU from a CPU ``torch.Generator`` (or the default one)
 and moved to the images' device. The masks that pick which crops get an op then live on the
 host, so selecting the subsets never waits on the GPU, and one seed gives the same draws on
 CPU and CUDA; the cost is a few kilobytes of host-to-device copies per batch.
 
-On CPU, images are processed in chunks of about ``cpu_chunk_elements`` output values so that
-the chain of elementwise ops stays in L2 cache (5x faster for the blur than whole-batch ops).
+On CPU, images are processed in chunks of about ``cpu_chunk_elements`` output values: the
+chain of ~100 elementwise passes then runs on cached data (16 paper-size images: 70 images/s
+as one chunk, 110 in chunks of 1-3 images). Other devices take the batch in one go.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from dino_core.augment import BLUR_KERNEL, BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_S
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 JITTER_P, GRAYSCALE_P, FLIP_P = 0.8, 0.2, 0.5
 # ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1): factor ranges.
-JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.2, 0.2))
+JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
 SOLARIZE_THRESHOLD = 0.5  # augment.py's uint8 threshold 128, on [0, 1] floats
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2, torchvision's weights
 
@@ -263,8 +269,9 @@ class BatchedMultiCrop:
         local_scale: Area range of local crops.
         mean: Normalisation mean per channel.
         std: Normalisation std per channel.
-        cpu_chunk_elements: On CPU, output values per chunk (about 1 MiB of float32 keeps a
-            chunk in a core's L2 cache). Other devices process the whole batch at once.
+        cpu_chunk_elements: On CPU, output values per chunk (2**20, 4 MiB of float32, was the
+            fastest of 2**15-2**30 for both benchmark settings). Other devices process the
+            whole batch at once.
 
     Example:
         >>> aug = BatchedMultiCrop(global_size=32, local_size=16, n_local=2)
@@ -317,12 +324,20 @@ class BatchedMultiCrop:
         # view 2 is rarely blurred and sometimes solarized.
         blur_p = torch.tensor([1.0, 0.1]).repeat_interleave(b)
         solarize_p = torch.tensor([0.0, 0.2]).repeat_interleave(b)
-        views = self._views(images, 2, self.global_size, self.global_scale, blur_p, solarize_p,
-                            generator)
+        views = self._views(
+            images, 2, self.global_size, self.global_scale, blur_p, solarize_p, generator
+        )
         if self.n_local:
             no_solarize = torch.zeros(self.n_local * b)
-            views += self._views(images, self.n_local, self.local_size, self.local_scale,
-                                 torch.full_like(no_solarize, 0.5), no_solarize, generator)
+            views += self._views(
+                images,
+                self.n_local,
+                self.local_size,
+                self.local_scale,
+                torch.full_like(no_solarize, 0.5),
+                no_solarize,
+                generator,
+            )
         return views
 
     def _views(self, images, n_views, size, scale, blur_p, solarize_p, generator):
@@ -414,8 +429,9 @@ def decode_to_canvas(image: Image.Image, size: int = 256) -> torch.Tensor:
 
     The shorter side is resized to ``size`` (bicubic, antialiased), then the centre
     ``size x size`` is kept. :class:`BatchedMultiCrop` crops from this canvas, not from the
-    full image: for non-square images the sides are lost, a deviation from the reference.
-    Around ``global_size * 8 / 7`` (256 for 224) keeps global crops at native resolution.
+    full image: for non-square images the sides are lost, and crops of large photos are cut
+    from a downscaled copy, both deviations from the reference. ``size`` 256 for 224 px global
+    crops mirrors the usual ImageNet resize; a larger canvas keeps more detail for local crops.
 
     Args:
         image: A PIL image in any mode (converted to RGB).

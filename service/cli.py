@@ -214,7 +214,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from dino_core.data.procedural import write_image_folder
 
     n = write_image_folder(args.out, args.n, args.image_size, args.classes, args.seed,
-                           masks=not args.no_masks)
+                           masks=not args.no_masks, difficulty=args.difficulty)
     print(f"wrote {n} images to {args.out}")
     return 0
 
@@ -223,6 +223,58 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from service import stack
 
     return stack.main([args.action, "--state-dir", args.state_dir])
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from service import jobs
+
+    try:
+        job_id = jobs.submit(args.address, [args.target, *args.args],
+                             working_dir=args.working_dir, use_installed_package=args.installed,
+                             job_id=args.job_id, entrypoint_num_cpus=args.entrypoint_num_cpus,
+                             pass_secrets=args.pass_secrets)
+    except ValueError as err:
+        print(f"dino submit: {err}", file=sys.stderr)
+        return 2
+    except (ConnectionError, RuntimeError) as err:  # no cluster there, refused token, ...
+        print(f"dino submit: {err}", file=sys.stderr)
+        return 1
+    print(job_id, flush=True)
+    if not args.wait:
+        return 0
+    state = jobs.logs(job_id, follow=True, address=args.address)
+    print(f"[dino] job {job_id} {state}", file=sys.stderr)
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from service import jobs
+
+    try:
+        if args.jobs_command == "list":
+            found = jobs.list_jobs(args.address)
+            if args.json:
+                print(json.dumps([j.model_dump(mode="json") for j in found]))
+            for j in [] if args.json else found:
+                print(f"{j.submission_id or j.job_id}  {j.status!s:<9}  {j.entrypoint}")
+        elif args.jobs_command == "status":
+            info = jobs.status(args.job_id, args.address)
+            if args.json:
+                print(json.dumps(info.model_dump(mode="json")))
+            else:
+                print(f"{args.job_id}: {info.status}" + (f" ({info.message})" if info.message else ""))
+        elif args.jobs_command == "logs":
+            text = jobs.logs(args.job_id, follow=args.follow, address=args.address)
+            if args.follow:  # streamed; text is the final status
+                return 0 if text == "SUCCEEDED" else 1
+            print(text, end="")
+        else:
+            state = jobs.stop(args.job_id, wait=not args.no_wait, address=args.address)
+            print(f"{args.job_id}: {state}")
+    except (ConnectionError, RuntimeError, TimeoutError) as err:  # also: no such job
+        print(f"dino jobs {args.jobs_command}: {err}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--classes", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--difficulty", type=float, default=1.0,
+                   help="1: cluttered, rotated, any size; 0: flat, upright, centred")
     p.add_argument("--no-masks", action="store_true")
     p.set_defaults(fn=cmd_data)
 
@@ -333,6 +387,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["up", "down"])
     p.add_argument("--state-dir", default=".dino-stack")
     p.set_defaults(fn=cmd_stack)
+
+    address = "job API URL (default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, " \
+              "http://127.0.0.1:8265)"
+    p = sub.add_parser("submit", help="run train/tune as a Ray job on a running cluster",
+                       epilog="e.g. `dino submit --address http://head:8265 train --preset "
+                              "quickstart optim.lr=1e-3`. Storage and MLflow settings go with "
+                              "the job; credentials do not (see service/jobs.py).")
+    p.add_argument("--address", help=address)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--working-dir", metavar="DIR",
+                     help="upload DIR as the job's working dir (default: this project)")
+    src.add_argument("--installed", action="store_true",
+                     help="use the dino installed on the cluster image; upload nothing")
+    p.add_argument("--pass-secrets", action="store_true",
+                   help="also send AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY: readable by "
+                        "anyone with dashboard access; for throwaway clusters only")
+    p.add_argument("--job-id", help="submission id (default: generated)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=0,
+                   help="CPUs reserved for the job's driver (default 0: it only waits)")
+    p.add_argument("--wait", "--follow", dest="wait", action="store_true", default=True,
+                   help="stream the logs until the job ends; exit 0 if it SUCCEEDED (default)")
+    p.add_argument("--no-wait", dest="wait", action="store_false",
+                   help="print the job id and return")
+    p.add_argument("target", choices=["train", "tune"], help="what the job runs")
+    p.add_argument("args", nargs=argparse.REMAINDER,
+                   help="train/tune arguments, as for `dino train|tune`")
+    p.set_defaults(fn=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
+    jb_sub = jb.add_subparsers(dest="jobs_command", required=True)
+    for name, text in [("list", "every job of the cluster"), ("status", "a job's status"),
+                       ("logs", "a job's logs"), ("stop", "stop a job")]:
+        p = jb_sub.add_parser(name, help=text)
+        p.add_argument("--address", help=address)
+        if name != "list":
+            p.add_argument("job_id", metavar="JOB_ID")
+        if name in ("list", "status"):
+            p.add_argument("--json", action="store_true", help="the full job info as JSON")
+        p.set_defaults(fn=cmd_jobs)
+    jb_sub.choices["logs"].add_argument("--follow", "-f", action="store_true",
+                                        help="stream until the job ends; exit 0 if SUCCEEDED")
+    jb_sub.choices["stop"].add_argument("--no-wait", action="store_true",
+                                        help="return without waiting for the job to end")
     return parser
 
 

@@ -116,8 +116,7 @@ def train(cfg: DinoConfig) -> TrainResult:
     run_url = storage.join(cfg.storage.root, cfg.run_name)
     tracker = start_tracking(cfg)
     info = RunInfo(run_url=run_url, tracking_uri=tracker.uri if tracker else None,
-                   mlflow_run_id=tracker.run_id if tracker else None,
-                   local=cfg.ray.address is None)
+                   mlflow_run_id=tracker.run_id if tracker else None)
     init_ray(cfg)
     try:
         result = build_trainer(cfg, info).fit()

@@ -126,7 +126,7 @@ def _trial(config: dict[str, Any]) -> None:
                                  extra_tags={"sweep": config["__sweep__"]})
     info = RunInfo(run_url=storage.join(cfg.storage.root, cfg.run_name),
                    tracking_uri=tracker.uri if tracker else None,
-                   mlflow_run_id=tracker.run_id if tracker else None, local=False)
+                   mlflow_run_id=tracker.run_id if tracker else None)
     try:
         build_trainer(cfg, info, callbacks=[TuneReportCallback()]).fit()
     except ray.train.TrainingFailedError:
@@ -161,7 +161,7 @@ def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[s
     chance = 100.0 / base.data.procedural_classes
     stopper = CollapseStopper(math.log(base.model.out_dim), chance, spec.collapse_margin,
                               spec.collapse_patience)
-    trainable = tune.with_resources(_trial, {"cpu": 0, DRIVER_RESOURCE: 1})
+    trainable = tune.with_resources(_trial, _driver_resources())
     run_config = tune.RunConfig(name=spec.name, stop=stopper, **_tune_storage(base.storage.root))
     path = storage.join(base.storage.root, spec.name)
     if resume:
@@ -184,6 +184,18 @@ def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[s
     _publish(rows, spec, sweep_url, parent, base)
     return {"rows": rows, "sweep_url": sweep_url,
             "parent_run_id": parent.run_id if parent else None}
+
+
+def _driver_resources() -> dict[str, float]:
+    """A trial's driver only waits on its TorchTrainer: it takes a slot of the custom
+    ``trial_driver`` resource (a zero-CPU bundle is refused), or a sliver of a CPU on a
+    cluster that does not declare that resource."""
+    import ray
+
+    if ray.cluster_resources().get(DRIVER_RESOURCE):
+        return {"cpu": 0, DRIVER_RESOURCE: 1}
+    log.warning("cluster has no %r resource; each trial driver takes 0.1 CPU", DRIVER_RESOURCE)
+    return {"cpu": 0.1}
 
 
 def _tune_storage(root: str) -> dict[str, Any]:

@@ -36,14 +36,14 @@ DISPLAY_MIN_SIDE = 224
 
 def procedural_set(cfg: DinoConfig | None, length: int) -> ProceduralShapes:
     """The run's procedural generator on the seed of its validation split (images it never
-    trained on), with the run's image size, classes and clutter."""
+    trained on), with the run's image size, classes and difficulty."""
     d = (cfg or DinoConfig()).data
     return ProceduralShapes(
         length,
         d.procedural_image_size,
         d.procedural_classes,
         d.seed + data.EVAL_VAL_SEED_OFFSET,
-        clutter=d.procedural_clutter,
+        difficulty=d.procedural_difficulty,
     )
 
 

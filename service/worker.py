@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -51,7 +52,6 @@ class RunInfo:
     run_url: str  # storage URL of this run (its checkpoints are under it)
     tracking_uri: str | None
     mlflow_run_id: str | None
-    local: bool  # print a progress line
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,14 @@ def network_spec(cfg: DinoConfig) -> NetworkSpec:
 def backbone_meta(cfg: DinoConfig) -> dict[str, Any]:
     return {"arch": cfg.model.arch, "patch_size": cfg.model.patch_size,
             "depth": cfg.model.depth, "img_size": cfg.aug.global_size}
+
+
+def say(message: str) -> None:
+    """A line on the run's console. Ray Train patches ``print`` to log *and* echo when
+    stdout is redirected (it always is in a Ray worker), which printed every line twice;
+    the process's own stdout is forwarded to the driver once."""
+    sys.__stdout__.write(message + "\n")
+    sys.__stdout__.flush()
 
 
 def _format_eta(seconds: float) -> str:
@@ -194,8 +202,7 @@ class Worker:
         self.epoch, self.batch_in_epoch = s["epoch"], s["batch_in_epoch"]
         self.global_step, self.skipped_steps = s["global_step"], s.get("skipped_steps", 0)
         if self.rank == 0:
-            print(f"[dino] resumed from {uri} at epoch {self.epoch} step {self.global_step}",
-                  flush=True)
+            say(f"[dino] resumed from {uri} at epoch {self.epoch} step {self.global_step}")
         return str(uri)
 
     # ---- reporting ---------------------------------------------------------------------
@@ -229,7 +236,7 @@ class Worker:
             total_steps = min(total_steps, t.max_steps)
         if self.global_step >= total_steps:
             if self.rank == 0:
-                print(f"[dino] run already complete at step {self.global_step}", flush=True)
+                say(f"[dino] run already complete at step {self.global_step}")
             self.finish({})
             return
         pin = self.device.type == "cuda"
@@ -318,8 +325,8 @@ class Worker:
             res = torch.tensor([r["knn_top1"], r["knn_top5"]], dtype=torch.float64)
             if self.tracker:
                 self.tracker.log_metrics(r, self.global_step)
-            print(f"[dino] epoch {self.epoch} k-NN top-1 {r['knn_top1']:.1f}% "
-                  f"(k={self.cfg.eval.knn_k})", flush=True)
+            say(f"[dino] epoch {self.epoch} k-NN top-1 {r['knn_top1']:.1f}% "
+                f"(k={self.cfg.eval.knn_k})")
         if self.world > 1:
             res = res.to(self.device) if dist.get_backend() == "nccl" else res
             dist.broadcast(res, src=0)
@@ -331,16 +338,15 @@ class Worker:
             return
         if self.tracker:
             self.tracker.log_metrics(m, self.global_step)
-        if self.info.local:
-            rate = (time.time() - started) / max(done, 1)
-            eta = _format_eta(rate * (total - self.global_step))
-            print(
-                f"[dino] epoch {self.epoch + 1}/{self.cfg.train.epochs} "
-                f"step {self.global_step}/{total} loss {m['loss']:.4f} "
-                f"lr {m['lr']:.2e} H(t) {m['teacher_entropy']:.2f} "
-                f"{m['images_per_sec']:.1f} img/s ETA {eta}",
-                flush=True,
-            )
+        # the same line locally and in a submitted job's logs (`dino jobs logs --follow`)
+        rate = (time.time() - started) / max(done, 1)
+        eta = _format_eta(rate * (total - self.global_step))
+        say(
+            f"[dino] epoch {self.epoch + 1}/{self.cfg.train.epochs} "
+            f"step {self.global_step}/{total} loss {m['loss']:.4f} "
+            f"lr {m['lr']:.2e} H(t) {m['teacher_entropy']:.2f} "
+            f"{m['images_per_sec']:.1f} img/s ETA {eta}"
+        )
 
     def finish(self, last: dict[str, float]) -> None:
         """Rank 0 exports the teacher backbone next to the checkpoints and to MLflow."""
@@ -357,7 +363,7 @@ class Worker:
                 self.tracker.log_artifact(path)
                 self.tracker.flush()
         if self.skipped_images:
-            print(f"[dino] skipped {self.skipped_images} unreadable images", flush=True)
+            say(f"[dino] skipped {self.skipped_images} unreadable images")
         if last and not math.isfinite(last.get("loss", 0.0)):
             log.warning("last logged loss is not finite")
 

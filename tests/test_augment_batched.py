@@ -131,8 +131,10 @@ def test_boxes_within_scale_and_ratio(height, width, scale):
     # Same distribution as torchvision's sampler: compare mean area fraction and mean ratio.
     torch.manual_seed(0)
     ref = torch.tensor(
-        [T.RandomResizedCrop.get_params(torch.empty(1, height, width), scale, (3 / 4, 4 / 3))
-         for _ in range(2000)]
+        [
+            T.RandomResizedCrop.get_params(torch.empty(1, height, width), scale, (3 / 4, 4 / 3))
+            for _ in range(2000)
+        ]
     ).double()
     ref_area = ref[:, 2] * ref[:, 3] / (height * width)
     assert abs(area.mean() - ref_area.mean()) < 0.02
@@ -150,13 +152,17 @@ def test_boxes_fall_back_to_torchvisions_centre_crop():
 def test_crop_resamples_the_box_and_flips():
     image = torch.rand(1, 3, 24, 30)
     aug = _small()
-    full = {"box": torch.tensor([[0.0, 0, 24, 30]], dtype=torch.float64),
-            "flip": torch.tensor([False])}
+    full = {
+        "box": torch.tensor([[0.0, 0, 24, 30]], dtype=torch.float64),
+        "flip": torch.tensor([False]),
+    }
     resized = F.interpolate(image, size=(16, 16), mode="bilinear", align_corners=False)
     torch.testing.assert_close(aug._crop(image, full, 16), resized, atol=1e-5, rtol=0)
     # a 16 x 16 box at scale 1 samples pixel centres exactly; a flip mirrors it
-    box = {"box": torch.tensor([[5.0, 7, 16, 16]], dtype=torch.float64),
-           "flip": torch.tensor([True])}
+    box = {
+        "box": torch.tensor([[5.0, 7, 16, 16]], dtype=torch.float64),
+        "flip": torch.tensor([True]),
+    }
     crop = image[..., 5:21, 7:23]
     torch.testing.assert_close(aug._crop(image, box, 16), crop.flip(-1), atol=1e-5, rtol=0)
 
@@ -182,7 +188,9 @@ OPS = [
 ]
 
 
-@pytest.mark.parametrize(("ours", "reference", "factors"), OPS, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize(
+    ("ours", "reference", "factors"), OPS, ids=lambda v: getattr(v, "__name__", "")
+)
 def test_colour_ops_match_torchvision(ours, reference, factors):
     x = _photo(len(factors))
     out = ours(x, torch.tensor(factors))  # a different factor per crop
@@ -203,28 +211,35 @@ def test_grayscale_solarize_blur_match_references():
     sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
     expected = torch.stack([per_image_blur(x[i], float(s)) for i, s in enumerate(sigma)])
     for method in ("shift", "conv"):
-        torch.testing.assert_close(gaussian_blur(x, sigma, method=method), expected,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            gaussian_blur(x, sigma, method=method), expected, atol=1e-5, rtol=0
+        )
 
 
 def test_jitter_applies_the_four_ops_in_each_crops_own_order():
     x = _photo(6)
-    order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2],
-                          [0, 1, 2, 3], [3, 1, 0, 2]])
+    order = torch.tensor(
+        [[0, 1, 2, 3], [3, 2, 1, 0], [2, 0, 3, 1], [1, 3, 0, 2], [0, 1, 2, 3], [3, 1, 0, 2]]
+    )
     factor = torch.tensor([[1.3, 0.7, 1.2, 0.08]] * 6)
     off = torch.zeros(6, dtype=torch.bool)
-    p = {"jitter": torch.tensor([True] * 5 + [False]), "order": order, "factor": factor,
-         "gray": off, "blur": off, "solarize": off, "sigma": torch.ones(6)}
+    p = {
+        "jitter": torch.tensor([True] * 5 + [False]),
+        "order": order,
+        "factor": factor,
+        "gray": off,
+        "blur": off,
+        "solarize": off,
+        "sigma": torch.ones(6),
+    }
     out = torch.empty(1, 6, 3, 20, 24)
     _small()._photometric(x.clone(), p, out)
-    reference_ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation,
-                     TF.adjust_hue]
+    reference_ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in range(6):
         expected = x[i]
         for op in order[i].tolist() if p["jitter"][i] else []:
             expected = reference_ops[op](expected, float(factor[i, op]))
-        torch.testing.assert_close(_unnormalise(out[0, i : i + 1])[0], expected, atol=1e-5,
-                                   rtol=0)
+        torch.testing.assert_close(_unnormalise(out[0, i : i + 1])[0], expected, atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------- probabilities per view
@@ -276,23 +291,44 @@ def _high_frequency_energy(v: torch.Tensor) -> torch.Tensor:
 
 def test_blur_always_on_global1_rarely_on_global2_half_on_locals(monkeypatch):
     # 2 x 2 px checkerboard; the same seed with the blur switched off gives the same crops
-    # and colours, so any difference is the blur. Blurs with sigma < ~0.3 are invisible
-    # (the neighbour weight exp(-0.5 / sigma^2) < 4e-3), hence ~0.9 x p detected.
+    # and colours, so any difference is the blur. A blur is invisible when the neighbour
+    # weight exp(-0.5 / sigma^2) < ~1e-4, i.e. sigma < ~0.23: 93% of blurs are seen.
     yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")
     board = (((yy // 2 + xx // 2) % 2) * 160 + 40).to(torch.uint8)
-    images = board.expand(N // 2, 3, 48, 48).contiguous()
+    images = board.expand(N, 3, 48, 48).contiguous()
     blurred = _run(images, seed=5)
     monkeypatch.setattr(ab, "gaussian_blur", lambda x, sigma: x)
     sharp = _run(images, seed=5)
-    changed = [float(((a - b).abs().amax(dim=(1, 2, 3)) > 1e-3).float().mean())
-               for a, b in zip(blurred, sharp)]
-    visible = (2.0 - 0.3) / (2.0 - 0.1)
-    assert changed[0] > visible - 0.08
-    assert 0.1 * visible - 0.06 < changed[1] < 0.1 * visible + 0.06
-    assert all(abs(rate - 0.5 * visible) < 0.1 for rate in changed[2:])
+    changed = [
+        float(((a - b).abs().amax(dim=(1, 2, 3)) > 1e-3).float().mean())
+        for a, b in zip(blurred, sharp)
+    ]
+    visible = (2.0 - 0.23) / (2.0 - 0.1)
+    assert changed[0] > visible - 0.05
+    assert abs(changed[1] - 0.1 * visible) < 0.04
+    assert all(abs(rate - 0.5 * visible) < 0.07 for rate in changed[2:])
     # and a blur only ever removes high-frequency energy (global1: no solarization after it)
     energy_ratio = _high_frequency_energy(blurred[0]) / _high_frequency_energy(sharp[0])
     assert (energy_ratio <= 1 + 1e-4).all() and energy_ratio.median() < 0.5
+
+
+def test_jitter_factor_ranges_and_hue_shift():
+    jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+    expected = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+    assert [pytest.approx(r) for r in ab.JITTER_RANGES] == [list(r) for r in expected]
+    # Flat dark red: in views without solarization, every op but the hue jitter keeps the hue
+    # at 0 (grey blends and clamps at 0 only move it towards 0; too dark to clamp at 255),
+    # so output hues span [-0.1, 0.1] turn.
+    red = torch.zeros(N // 2, 3, 48, 48, dtype=torch.uint8)
+    red[:, 0] = 100
+    views = _run(red, seed=2)
+    pixels = torch.cat([_unnormalise(v)[:, :, 8, 8] for v in views[:1] + views[2:]])
+    chroma = pixels.amax(dim=1) - pixels.amin(dim=1)
+    pixels = pixels[chroma > 0.05]
+    assert (pixels.argmax(dim=1) == 0).all()
+    hue = (pixels[:, 1] - pixels[:, 2]) / (pixels[:, 0] - pixels[:, 1:].amin(dim=1)) / 6
+    assert hue.abs().max() <= 0.1 + 1e-3
+    assert hue.min() < -0.09 and hue.max() > 0.09
 
 
 # ---------------------------------------------------------------------------------- canvas

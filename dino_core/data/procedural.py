@@ -81,9 +81,11 @@ class ProceduralShapes(torch.utils.data.Dataset):
         num_classes: Uses the first ``num_classes`` entries of :data:`CLASSES`.
         seed: Any int; different seeds give independent sets (e.g. train vs test).
         transform: Applied to the PIL image in ``__getitem__``.
-        clutter: In [0, 1]: scales the background's colour variation, the number of
-            distractors and the pixel noise. 1 is the hard set; 0 is a flat background, on
-            which a few minutes of CPU training already separate the classes.
+        difficulty: In [0, 1], how much varies besides the shape: the background's colour
+            variation, the number of distractors, the pixel noise, the rotation range and the
+            spread of object sizes and positions. 1 is the hard set (cluttered, any rotation,
+            30-60% of the side anywhere); 0 is an upright, centred object of about half the
+            side on a flat background, which a small ViT learns from in minutes on a CPU.
 
     Example:
         >>> ds = ProceduralShapes(10, image_size=32)
@@ -93,11 +95,11 @@ class ProceduralShapes(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, length, image_size=64, num_classes=6, seed=0, transform=None, clutter=1.0
+        self, length, image_size=64, num_classes=6, seed=0, transform=None, difficulty=1.0
     ) -> None:
-        if not 0.0 <= clutter <= 1.0:
-            raise ValueError(f"clutter must be in [0, 1], got {clutter}")
-        self.clutter = float(clutter)
+        if not 0.0 <= difficulty <= 1.0:
+            raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
+        self.difficulty = float(difficulty)
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
         if not 2 <= num_classes <= len(CLASSES):
@@ -134,8 +136,8 @@ class ProceduralShapes(torch.utils.data.Dataset):
 
         # Smooth colour field: a 3x3 random grid upsampled, i.e. low-frequency noise.
         grid = rng.integers(0, 256, (3, 3, 3)).astype(np.float32)
-        # less clutter: the colour field shrinks towards its mean colour
-        grid = grid.mean(axis=(0, 1)) + self.clutter * (grid - grid.mean(axis=(0, 1)))
+        # easier: the colour field shrinks towards its mean colour
+        grid = grid.mean(axis=(0, 1)) + self.difficulty * (grid - grid.mean(axis=(0, 1)))
         grid = grid.round().astype(np.uint8)
         canvas = Image.fromarray(grid).resize((size, size), Image.Resampling.BICUBIC)
         self._draw_distractors(rng, canvas)
@@ -145,17 +147,21 @@ class ProceduralShapes(torch.utils.data.Dataset):
         colour = self._contrasting_colour(rng, background, cx, cy, radius)
         image = background * (1 - alpha[..., None]) + colour * alpha[..., None]
         # Pixel noise so that neither the object nor the background is a flat colour.
-        image += rng.normal(0.0, 6.0 * max(self.clutter, 0.25), image.shape).astype(np.float32)
+        image += rng.normal(0.0, 6.0 * max(self.difficulty, 0.25), image.shape).astype(np.float32)
         image = Image.fromarray(np.clip(image + 0.5, 0, 255).astype(np.uint8))
         return image, label, alpha >= 0.5
 
     def _object_alpha(self, rng: np.random.Generator, shape: str):
         """Anti-aliased coverage ``(H, W)`` in [0, 1] of the main object, and its circle."""
         size, ss = self.image_size, self.supersample
-        radius = 0.5 * size * rng.uniform(0.3, 0.6)  # diameter 30-60% of the side
-        # Centre at >= 0.85 radius from the border: the object is (almost) fully inside.
-        cx, cy = rng.uniform(0.85 * radius, size - 0.85 * radius, size=2)
-        theta = rng.uniform(0, 2 * math.pi)
+        d = self.difficulty
+        # diameter 30-60% of the side at difficulty 1, 45-55% at 0
+        radius = 0.5 * size * rng.uniform(0.45 - 0.15 * d, 0.55 + 0.05 * d)
+        # Centre at >= 0.85 radius from the border: the object is (almost) fully inside;
+        # easier sets keep it nearer the middle.
+        spread = (size / 2 - 0.85 * radius) * max(d, 0.2)
+        cx, cy = rng.uniform(size / 2 - spread, size / 2 + spread, size=2)
+        theta = rng.uniform(0, 2 * math.pi * d)
         rot = np.array([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]])
 
         layer = Image.new("L", (size * ss, size * ss), 0)
@@ -173,7 +179,7 @@ class ProceduralShapes(torch.utils.data.Dataset):
         """Draws 2-5 small lines and elongated blobs: clutter that is never a class shape."""
         size = self.image_size
         draw = ImageDraw.Draw(canvas)
-        for _ in range(int(round(rng.integers(2, 6) * self.clutter))):
+        for _ in range(int(round(rng.integers(2, 6) * self.difficulty))):
             colour = tuple(int(c) for c in rng.integers(0, 256, 3))
             x, y = rng.uniform(0, size, 2)
             if rng.random() < 0.5:
@@ -215,7 +221,7 @@ def write_image_folder(
     num_classes: int = 6,
     seed: int = 0,
     masks: bool = True,
-    clutter: float = 1.0,
+    difficulty: float = 1.0,
 ) -> int:
     """Writes a :class:`ProceduralShapes` set as PNG files, for the folder-based CLI paths.
 
@@ -228,7 +234,7 @@ def write_image_folder(
         The number of files written (images plus masks).
     """
     root = Path(root)
-    dataset = ProceduralShapes(length, image_size, num_classes, seed, clutter=clutter)
+    dataset = ProceduralShapes(length, image_size, num_classes, seed, difficulty=difficulty)
     targets = [root] + ([masks_root(root)] if masks else [])
     for base in targets:
         for label in range(num_classes):

@@ -1,0 +1,182 @@
+"""`dino submit` and `dino jobs`: training as a Ray job on a running cluster (token auth),
+checkpoints in S3, metrics in MLflow, no secret in the job's info; and a job stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from service import jobs, stack
+
+REPO = Path(__file__).resolve().parents[1]
+PLANTED = "planted-secret-5f0c1d9e"  # the submitter's AWS secret; must not reach the job
+
+# TINY of test_service_train.py: 8 steps per epoch of 16 images.
+TINY = [
+    "model.arch=vit_tiny", "model.patch_size=8", "model.depth=1", "model.out_dim=256",
+    "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.drop_path_rate=0.1",
+    "data.procedural_size=128", "data.procedural_image_size=24", "data.num_workers=0",
+    "aug.global_size=16", "aug.local_size=8", "aug.n_local=2",
+    "train.batch_size=16", "train.log_every_steps=1", "train.checkpoint_every_epochs=1",
+    "train.keep_last=2", "optim.warmup_epochs=1", "optim.lr=0.002",
+    "eval.procedural_train_size=64", "eval.procedural_val_size=32", "eval.image_size=16",
+    "ray.num_workers=1", "ray.cpus_per_worker=1",
+]  # fmt: skip
+
+
+def dino(
+    *args: str, env: dict | None = None, drop: tuple = (), timeout: float = 120, check: bool = True
+) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_ADDRESS": "", **(env or {})}
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], cwd=REPO, capture_output=True, text=True,
+        timeout=timeout, env={k: v for k, v in env.items() if k not in drop},
+    )  # fmt: skip
+    if check:
+        assert out.returncode == 0, (
+            f"dino {' '.join(args)}:\n{out.stdout[-4000:]}\n{out.stderr[-4000:]}"
+        )
+    return out
+
+
+# ---- no cluster needed ------------------------------------------------------------------
+
+
+def test_job_env_keeps_secrets_out_unless_asked():
+    local = {
+        "DINO_STORAGE": "s3://b/runs", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "AWS_ENDPOINT_URL": "http://s3:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "s", "AWS_SESSION_TOKEN": "t",
+        "MLFLOW_TRACKING_TOKEN": "t", "MLFLOW_TRACKING_PASSWORD": "p",
+        "MLFLOW_TRACKING_USERNAME": "u", "RAY_AUTH_TOKEN": "r", "HOME": "/home/me",
+    }  # fmt: skip
+    assert jobs.job_env(local) == {
+        "DINO_STORAGE": "s3://b/runs", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "AWS_ENDPOINT_URL": "http://s3:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+    }  # fmt: skip
+    assert jobs.job_env(local, pass_secrets=True) == {
+        **jobs.job_env(local),
+        "AWS_ACCESS_KEY_ID": "AKIA",
+        "AWS_SECRET_ACCESS_KEY": "s",
+    }
+    # the key id is no secret, but it goes only with its secret
+    assert "AWS_ACCESS_KEY_ID" not in jobs.job_env({"AWS_ACCESS_KEY_ID": "AKIA"}, True)
+    with pytest.raises(ValueError, match="MLFLOW_TRACKING_URI embeds a password"):
+        jobs.job_env({"MLFLOW_TRACKING_URI": "https://me:pw@mlflow.example"})
+
+
+def test_cluster_args_put_the_address_after_the_overrides():
+    assert jobs.cluster_args("train", ["--preset", "quickstart", "optim.lr=1e-3"]) == [
+        "train", "--preset", "quickstart", "optim.lr=1e-3", "ray.address=auto"]  # fmt: skip
+    # `dino train a=1 --json b=2` is an argparse error, so not simply appended
+    assert jobs.cluster_args("train", ["optim.lr=1e-3", "--json"]) == [
+        "train", "optim.lr=1e-3", "ray.address=auto", "--json"]  # fmt: skip
+    assert jobs.cluster_args("tune", ["--", "--num-samples", "2"]) == [
+        "tune", "--num-samples", "2", "ray.address=auto"]  # fmt: skip
+    with pytest.raises(ValueError, match="optim.lr"):  # a bad value fails before submitting
+        jobs.cluster_args("train", ["optim.lr=-1"])
+
+
+def test_address_and_auth_header(tmp_path):
+    assert jobs.resolve_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"}) == jobs.DEFAULT_ADDRESS
+    assert jobs.resolve_address(None, {"RAY_ADDRESS": "http://head:8265/"}) == "http://head:8265"
+    env = {"RAY_API_SERVER_ADDRESS": "http://api:8265", "RAY_ADDRESS": "http://head:8265"}
+    assert jobs.resolve_address(None, env) == "http://api:8265"
+    assert jobs.resolve_address("head:8265", env) == "http://head:8265"
+    (tmp_path / "token").write_text("abc\n")
+    env = {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    assert jobs.auth_headers(env) == {"Authorization": "Bearer abc"}
+    assert jobs.auth_headers({**env, "RAY_AUTH_TOKEN": "xyz"}) == {"Authorization": "Bearer xyz"}
+    assert jobs.auth_headers({**env, "RAY_AUTH_MODE": "disabled"}) == {}
+
+
+# ---- on a `ray start --head` cluster ----------------------------------------------------
+
+
+def _alive_actors(ray_head, ray_job_id: str) -> list[str]:
+    """Class names of the job's live actors, from the dashboard's State API."""
+    query = f"limit=1000&filter_keys=job_id&filter_predicates=%3D&filter_values={ray_job_id}"
+    request = urllib.request.Request(f"{ray_head.dashboard_url}/api/v0/actors?{query}",
+                                     headers=stack.auth_headers(ray_head))  # fmt: skip
+    with urllib.request.urlopen(request, timeout=30) as response:
+        actors = json.load(response)["data"]["result"]["result"]
+    return [a["class_name"] for a in actors if a["state"] != "DEAD"]
+
+
+@pytest.mark.integration
+def test_submit_train_job_then_stop_a_long_one(ray_head, s3_server, mlflow_server):
+    import s3fs
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobSubmissionClient
+
+    bucket = s3_server.new_bucket("jobs")
+    # The submitter's environment; the cluster's workers have their own S3 credentials
+    # (the ray_head fixture's), so the job must run without the planted secret.
+    local = {"DINO_STORAGE": f"s3://{bucket}/runs", "AWS_SECRET_ACCESS_KEY": PLANTED,
+             "MLFLOW_TRACKING_URI": mlflow_server.tracking_uri}  # fmt: skip
+    address = ["--address", ray_head.dashboard_url]
+    t0 = time.monotonic()
+    # by default `submit` follows the logs; its exit status is 0 only if the job SUCCEEDED
+    submitted = dino("submit", *address, "train", *TINY, "train.epochs=1", "run_name=submitted",
+                     env=local, timeout=400, check=False)  # fmt: skip
+    elapsed = time.monotonic() - t0
+    assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
+    job = submitted.stdout.splitlines()[0]
+    assert "[dino] done" in submitted.stdout
+    print(f"tiny job: submit to SUCCEEDED in {elapsed:.1f} s")
+    assert dino("jobs", "status", job, *address).stdout.startswith(f"{job}: SUCCEEDED")
+    logs = dino("jobs", "logs", job, *address).stdout
+    assert "[dino] done" in logs
+    assert dino("jobs", "logs", job, "--follow", *address).stdout == logs  # ended: no waiting
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    assert fs.glob(f"{bucket}/runs/submitted/checkpoint_*")
+    assert fs.exists(f"{bucket}/runs/submitted/teacher_backbone.safetensors")
+    mlflow = MlflowClient(mlflow_server.tracking_uri)
+    experiment = mlflow.get_experiment_by_name("dino").experiment_id
+    runs = mlflow.search_runs([experiment], "tags.`dino.run_name` = 'submitted'")
+    assert [r.info.status for r in runs] == ["FINISHED"]
+
+    # the job's info as the dashboard shows it: settings yes, secrets no
+    info = JobSubmissionClient(ray_head.dashboard_url, headers=stack.auth_headers(ray_head))
+    info = info.get_job_info(job)
+    env_vars = info.runtime_env["env_vars"]
+    assert env_vars["DINO_STORAGE"] == local["DINO_STORAGE"]
+    assert env_vars["MLFLOW_TRACKING_URI"] == mlflow_server.tracking_uri
+    assert not {"AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"} & set(env_vars)
+    assert "ray.address=auto" in info.entrypoint
+    shown = dino("jobs", "status", job, "--json", *address).stdout
+    token = Path(ray_head.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    for text in (json.dumps(info.runtime_env), json.dumps(info.metadata), info.entrypoint,
+                 shown, logs):  # fmt: skip
+        assert PLANTED not in text and token not in text
+
+    # a long run, stopped; without RAY_AUTH_MODE the CLI still sends the token itself
+    long_job = dino("submit", *address, "--no-wait", "train", *TINY, "train.epochs=1000",
+                    "run_name=stopped", env=local).stdout.strip().splitlines()[-1]  # fmt: skip
+    # stop it while it trains: once its first checkpoint is in the bucket
+    deadline = time.monotonic() + 180
+    while not fs.glob(f"{bucket}/runs/stopped/checkpoint_*"):
+        assert time.monotonic() < deadline, dino("jobs", "logs", long_job, *address).stdout
+        time.sleep(2)
+    ray_job_id = jobs.status(long_job, ray_head.dashboard_url).job_id
+    print("long job's actors:", _alive_actors(ray_head, ray_job_id))
+    assert _alive_actors(ray_head, ray_job_id)  # the Train controller and worker
+    t1 = time.monotonic()
+    stopped = dino("jobs", "stop", long_job, *address, drop=("RAY_AUTH_MODE",))
+    assert stopped.stdout.strip() == f"{long_job}: STOPPED"
+    print(f"long job: stopped in {time.monotonic() - t1:.1f} s")
+    # and with it its actors
+    deadline = time.monotonic() + 60
+    while alive := _alive_actors(ray_head, ray_job_id):
+        assert time.monotonic() < deadline, alive
+        time.sleep(1)
+    listed = dino("jobs", "list", *address).stdout
+    assert f"{job}  SUCCEEDED" in listed and f"{long_job}  STOPPED" in listed
