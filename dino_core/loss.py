@@ -67,16 +67,20 @@ class DINOLoss(nn.Module):
             The scalar loss (fp32).
         """
         n_crops = student_out.shape[0] // (teacher_out.shape[0] // n_global)
-        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
-        student_logp = student_logp.chunk(n_crops)
+        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(
+            n_crops
+        )
         # stop-gradient: the teacher only receives the EMA of the student
         with torch.no_grad():
-            teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1)
-        teacher_p = teacher_p.detach().chunk(n_global)
+            teacher_p = F.softmax(
+                (teacher_out.float() - self.center) / teacher_temp, dim=-1
+            ).chunk(n_global)
 
         # sum_{v != q} -p_q . log p_v without a (teacher, student) pair loop: the local views'
         # log-probabilities are summed once and shared by every teacher view
-        local_sum = torch.stack(student_logp[n_global:]).sum(0) if n_crops > n_global else 0.0
+        local_sum: torch.Tensor | float = (
+            torch.stack(student_logp[n_global:]).sum(0) if n_crops > n_global else 0.0
+        )
         total = student_out.new_zeros((), dtype=torch.float32)
         for q, p in enumerate(teacher_p):
             others = sum((student_logp[g] for g in range(n_global) if g != q), local_sum)

@@ -14,3 +14,9 @@ def test_ruff_check_is_clean():
     out = subprocess.run(["ruff", "check", "dino_core", "service", "tests", "bench"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.skipif(shutil.which("mypy") is None, reason="mypy not installed (pip install -e .[dev])")
+def test_mypy_on_dino_core_is_clean():
+    out = subprocess.run(["mypy"], cwd=ROOT, capture_output=True, text=True)  # files: pyproject
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -132,30 +132,32 @@ def _naive_step(student, teacher, crops, values, center, clip, freeze, t_s=0.1):
     return loss, t_out
 
 
-@pytest.mark.parametrize("n_local", [0, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("n_local", [0, 2, 10])
+@pytest.mark.parametrize("k", [64, 300])
 @pytest.mark.parametrize("freeze", [False, True])
-def test_one_step_matches_naive(n_local, freeze):
+def test_one_step_matches_naive(batch, n_local, k, freeze):
     torch.manual_seed(1)
     spec = NetworkSpec(
         arch="vit_tiny",
         patch_size=8,
         img_size=16,
         depth=2,
-        out_dim=64,
+        out_dim=k,
         head_hidden_dim=32,
         head_bottleneck_dim=16,
         drop_path_rate=0.0,
     )
     student, teacher = build_networks(spec)
     ref_student, ref_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
-    crops = [torch.randn(3, 3, 16, 16) for _ in range(2)] + [
-        torch.randn(3, 3, 8, 8) for _ in range(n_local)
+    crops = [torch.randn(batch, 3, 16, 16) for _ in range(2)] + [
+        torch.randn(batch, 3, 8, 8) for _ in range(n_local)
     ]
     # Adam's first step is lr * g / (|g| + eps): rounding differences in near-zero gradients
     # show up as lr-sized errors, so the paper's base lr (5e-4) keeps them inside 1e-5
     values = {"lr": 5e-4, "weight_decay": 0.04, "momentum": 0.99, "teacher_temp": 0.04}
-    loss_fn = DINOLoss(64)
-    loss_fn.center.copy_(torch.randn(1, 64) * 0.01)
+    loss_fn = DINOLoss(k)
+    loss_fn.center.copy_(torch.randn(1, k) * 0.01)
     center0 = loss_fn.center.clone()
     # a clip small enough that it really changes gradients
     out = train_step(

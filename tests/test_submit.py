@@ -124,7 +124,7 @@ def test_submit_train_job_then_stop_a_long_one(ray_head, s3_server, mlflow_serve
     address = ["--address", ray_head.dashboard_url]
     t0 = time.monotonic()
     # by default `submit` follows the logs; its exit status is 0 only if the job SUCCEEDED
-    submitted = dino("submit", *address, "train", *TINY, "train.epochs=1", "run_name=submitted",
+    submitted = dino("submit", *address, "train", "--preset", "quickstart", *TINY, "train.epochs=1", "run_name=submitted",
                      env=local, timeout=400, check=False)  # fmt: skip
     elapsed = time.monotonic() - t0
     assert submitted.returncode == 0, submitted.stdout[-4000:] + submitted.stderr[-4000:]
@@ -159,7 +159,7 @@ def test_submit_train_job_then_stop_a_long_one(ray_head, s3_server, mlflow_serve
         assert PLANTED not in text and token not in text
 
     # a long run, stopped; without RAY_AUTH_MODE the CLI still sends the token itself
-    long_job = dino("submit", *address, "--no-wait", "train", *TINY, "train.epochs=1000",
+    long_job = dino("submit", *address, "--no-wait", "train", "--preset", "quickstart", *TINY, "train.epochs=1000",
                     "run_name=stopped", env=local).stdout.strip().splitlines()[-1]  # fmt: skip
     # stop it while it trains: once its first checkpoint is in the bucket
     deadline = time.monotonic() + 180

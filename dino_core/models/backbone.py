@@ -46,20 +46,20 @@ def build_backbone(
         ``embed_dim`` attribute gives the width.
     """
     if arch in VIT_SIZES:
-        size = dict(VIT_SIZES[arch])
-        if depth is not None:
-            size["depth"] = depth
+        size = VIT_SIZES[arch]
         vit = VisionTransformer(
             img_size=img_size,
             patch_size=patch_size,
             num_classes=0,
             drop_path_rate=drop_path_rate,
             dynamic_img_size=True,
-            **size,
+            embed_dim=size["embed_dim"],
+            depth=size["depth"] if depth is None else depth,
+            num_heads=size["num_heads"],
         )
         # timm asserts H % patch == 0 when it knows the image size; forgetting it lets the
         # strided patch convolution drop the remainder, as the reference DINO ViT does
-        vit.patch_embed.img_size = None
+        vit.patch_embed.img_size = None  # type: ignore[assignment]
         return vit
     if arch == "resnet50":
         model = resnet50(weights=None)
@@ -71,7 +71,7 @@ def build_backbone(
 
 def embed_dim_of(backbone: nn.Module) -> int:
     """Width of the backbone's output feature."""
-    return int(backbone.embed_dim)
+    return int(backbone.embed_dim)  # type: ignore[arg-type]
 
 
 def timm_name(arch: str, patch_size: int) -> str:

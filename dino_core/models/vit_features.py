@@ -6,6 +6,8 @@ Free functions over a timm ``VisionTransformer`` so the backbone stays a stock t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
@@ -33,7 +35,7 @@ def last_self_attention(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor
         ``(B, num_heads, N, N)`` with ``N = 1 + (H // p) * (W // p)`` (CLS token first).
     """
     tokens = _tokens_before_last_block(vit, x)
-    blk = vit.blocks[-1]
+    blk: Any = vit.blocks[-1]  # a timm Block; typed loosely, timm's Sequential is untyped
     attn = blk.attn
     y = blk.norm1(tokens)
     b, n, _ = y.shape
