@@ -53,6 +53,9 @@ class DataConfig(_Section):
     procedural_size: int = Field(4096, ge=1, description="images in the procedural set")
     procedural_classes: int = Field(6, ge=2, le=8, description="shape classes (chance = 1/n)")
     procedural_image_size: int = Field(64, ge=8, description="side of generated images")
+    procedural_colourful: bool = Field(
+        True, description="random colours; false: light shapes on dark grey (quick demos)"
+    )
     procedural_difficulty: float = Field(
         1.0, ge=0, le=1, description="1: cluttered, rotated, any size; 0: flat, upright, centred (demos)"
     )

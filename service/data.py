@@ -72,7 +72,7 @@ def open_images(path: str, transform: Callable, size: int, seed: int, cfg: DinoC
     if path == PROCEDURAL:
         d = cfg.data
         return ProceduralShapes(size, d.procedural_image_size, d.procedural_classes, seed,
-                                transform, difficulty=d.procedural_difficulty)
+                                transform, difficulty=d.procedural_difficulty, colourful=d.procedural_colourful)
     if "://" in path and not path.startswith("file://"):
         return RemoteImageFolder(path, transform)
     return ImageFolder(path.removeprefix("file://"), transform=transform)

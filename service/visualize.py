@@ -43,7 +43,7 @@ def procedural_set(cfg: DinoConfig | None, length: int) -> ProceduralShapes:
         d.procedural_image_size,
         d.procedural_classes,
         d.seed + data.EVAL_VAL_SEED_OFFSET,
-        difficulty=d.procedural_difficulty,
+        difficulty=d.procedural_difficulty, colourful=d.procedural_colourful,
     )
 
 

@@ -85,7 +85,11 @@ class ProceduralShapes(torch.utils.data.Dataset):
             variation, the number of distractors, the pixel noise, the rotation range and the
             spread of object sizes and positions. 1 is the hard set (cluttered, any rotation,
             30-60% of the side anywhere); 0 is an upright, centred object of about half the
-            side on a flat background, which a small ViT learns from in minutes on a CPU.
+            side on a flat background.
+        colourful: Random colours for background, object and distractors. False draws a
+            light object on a dark grey scene: colour is the strongest cue two crops of an
+            image share, so a few CPU minutes of DINO learn colour, which is unrelated to the
+            class, unless it is taken away.
 
     Example:
         >>> ds = ProceduralShapes(10, image_size=32)
@@ -95,8 +99,16 @@ class ProceduralShapes(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, length, image_size=64, num_classes=6, seed=0, transform=None, difficulty=1.0
+        self,
+        length,
+        image_size=64,
+        num_classes=6,
+        seed=0,
+        transform=None,
+        difficulty=1.0,
+        colourful=True,
     ) -> None:
+        self.colourful = bool(colourful)
         if not 0.0 <= difficulty <= 1.0:
             raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
         self.difficulty = float(difficulty)
@@ -145,6 +157,12 @@ class ProceduralShapes(torch.utils.data.Dataset):
 
         alpha, (cx, cy, radius) = self._object_alpha(rng, CLASSES[label])
         colour = self._contrasting_colour(rng, background, cx, cy, radius)
+        if not self.colourful:
+            # a light object on a dark scene: the random colours are what a short DINO run
+            # latches onto (they are shared by the views of an image), so without them
+            # shape is what the views have in common
+            background = background.mean(axis=-1, keepdims=True) * 0.35 * np.ones(3, np.float32)
+            colour = np.full(3, 230.0, np.float32)
         image = background * (1 - alpha[..., None]) + colour * alpha[..., None]
         # Pixel noise so that neither the object nor the background is a flat colour.
         image += rng.normal(0.0, 6.0 * max(self.difficulty, 0.25), image.shape).astype(np.float32)
@@ -222,6 +240,7 @@ def write_image_folder(
     seed: int = 0,
     masks: bool = True,
     difficulty: float = 1.0,
+    colourful: bool = True,
 ) -> int:
     """Writes a :class:`ProceduralShapes` set as PNG files, for the folder-based CLI paths.
 
@@ -234,7 +253,7 @@ def write_image_folder(
         The number of files written (images plus masks).
     """
     root = Path(root)
-    dataset = ProceduralShapes(length, image_size, num_classes, seed, difficulty=difficulty)
+    dataset = ProceduralShapes(length, image_size, num_classes, seed, difficulty=difficulty, colourful=colourful)
     targets = [root] + ([masks_root(root)] if masks else [])
     for base in targets:
         for label in range(num_classes):
