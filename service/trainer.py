@@ -12,6 +12,7 @@ from typing import Any
 
 from service import storage
 from service.config import DinoConfig, flatten, resolve_paths
+from service.jobs import job_env
 from service.tracking import Tracker, default_tracking_uri, git_revision
 from service.worker import RunInfo, train_loop_per_worker
 
@@ -76,8 +77,9 @@ def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None)
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
         resources["GPU"] = 1
-    env = {k: v for k, v in os.environ.items()
-           if k.startswith(("AWS_", "MLFLOW_", "DINO_")) and "SECRET" not in k and "TOKEN" not in k}
+    # the same rule as job submission: storage and MLflow settings, never credentials (the
+    # cluster's nodes have their own); runtime envs are readable by anyone with the dashboard
+    env = job_env(os.environ)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": asdict(info)},
