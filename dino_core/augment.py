@@ -151,6 +151,17 @@ def _view(
     return T.Compose(ops)
 
 
+def check_multicrop(
+    n_local: int, global_scale: tuple[float, float], local_scale: tuple[float, float]
+) -> None:
+    """Raises ValueError for a crop count or scale range no RandomResizedCrop can draw."""
+    if n_local < 0:
+        raise ValueError(f"n_local must be >= 0, got {n_local}")
+    for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+
+
 class MultiCropAugmentation:
     """Turns one image into DINO's ``2 + n_local`` views.
 
@@ -181,11 +192,7 @@ class MultiCropAugmentation:
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
-        if n_local < 0:
-            raise ValueError(f"n_local must be >= 0, got {n_local}")
-        for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+        check_multicrop(n_local, global_scale, local_scale)
         self.n_local = n_local
         # Asymmetric global views (BYOL): view 1 is always blurred and never solarized,
         # view 2 is rarely blurred and sometimes solarized.

@@ -48,7 +48,13 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from dino_core.augment import BLUR_KERNEL, BLUR_SIGMA, IMAGENET_MEAN, IMAGENET_STD
+from dino_core.augment import (
+    BLUR_KERNEL,
+    BLUR_SIGMA,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    check_multicrop,
+)
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 JITTER_P, GRAYSCALE_P, FLIP_P = 0.8, 0.2, 0.5
@@ -291,11 +297,7 @@ class BatchedMultiCrop:
         std: Sequence[float] = IMAGENET_STD,
         cpu_chunk_elements: int = 2**20,
     ) -> None:
-        if n_local < 0:
-            raise ValueError(f"n_local must be >= 0, got {n_local}")
-        for name, (lo, hi) in (("global_scale", global_scale), ("local_scale", local_scale)):
-            if not 0 < lo <= hi <= 1:
-                raise ValueError(f"{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
+        check_multicrop(n_local, global_scale, local_scale)
         self.global_size, self.local_size, self.n_local = global_size, local_size, n_local
         self.global_scale, self.local_scale = global_scale, local_scale
         self.mean, self.std = tuple(mean), tuple(std)

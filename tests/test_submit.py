@@ -12,23 +12,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_service_train import TINY as SERVICE_TINY
 
 from service import jobs, stack
 
 REPO = Path(__file__).resolve().parents[1]
 PLANTED = "planted-secret-5f0c1d9e"  # the submitter's AWS secret; must not reach the job
 
-# TINY of test_service_train.py: 8 steps per epoch of 16 images.
-TINY = [
-    "model.arch=vit_tiny", "model.patch_size=8", "model.depth=1", "model.out_dim=256",
-    "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "model.drop_path_rate=0.1",
-    "data.procedural_size=128", "data.procedural_image_size=24", "data.num_workers=0",
-    "aug.global_size=16", "aug.local_size=8", "aug.n_local=2",
-    "train.batch_size=16", "train.log_every_steps=1", "train.checkpoint_every_epochs=1",
-    "train.keep_last=2", "optim.warmup_epochs=1", "optim.lr=0.002",
-    "eval.procedural_train_size=64", "eval.procedural_val_size=32", "eval.image_size=16",
-    "ray.num_workers=1", "ray.cpus_per_worker=1",
-]  # fmt: skip
+# the tiny run of test_service_train.py (8 steps per epoch of 16 images) on one worker
+TINY = [*SERVICE_TINY, "ray.num_workers=1", "ray.cpus_per_worker=1"]
 
 
 def dino(
