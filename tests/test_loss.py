@@ -181,3 +181,26 @@ def test_one_step_matches_naive(batch, n_local, k, freeze):
     for (n, p), q in zip(teacher.named_parameters(), ref_teacher.parameters()):
         assert (p - q).abs().max().item() <= 1e-5, n
     assert torch.allclose(loss_fn.center, naive_center(center0, ref_t_out, 0.9), atol=1e-6, rtol=0)
+
+
+def test_nonfinite_loss_raises_before_anything_changes():
+    from dino_core import NonFiniteLossError
+
+    torch.manual_seed(0)
+    spec = NetworkSpec(arch="vit_tiny", patch_size=8, img_size=16, depth=1, out_dim=32,
+                       head_hidden_dim=16, head_bottleneck_dim=8)
+    student, teacher = build_networks(spec)
+    before_s = {k: v.clone() for k, v in student.state_dict().items()}
+    before_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+    loss_fn = DINOLoss(32)
+    opt = build_optimizer(student)
+    crops = [torch.randn(2, 3, 16, 16), torch.full((2, 3, 16, 16), float("nan"))]
+    values = {"lr": 1e-3, "weight_decay": 0.04, "momentum": 0.99, "teacher_temp": 0.04}
+    with pytest.raises(NonFiniteLossError, match="non-finite DINO loss nan at global step 7"):
+        train_step(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=opt,
+                   crops=crops, values=values, step=7, freeze_last_layer=False,
+                   ema_params=ema_parameter_lists(teacher, student), cfg=StepConfig())
+    assert all(torch.equal(v, before_s[k]) for k, v in student.state_dict().items())
+    assert all(torch.equal(v, before_t[k]) for k, v in teacher.state_dict().items())
+    assert torch.count_nonzero(loss_fn.center) == 0  # the center did not move
+    assert not opt.state  # no optimizer step was taken
