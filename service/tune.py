@@ -19,7 +19,7 @@ from typing import Any
 from service import storage
 from service.config import ConfigError, DinoConfig, apply_overrides, resolve_paths, validate
 from service.tracking import Tracker
-from service.trainer import init_ray, start_tracking, tracking_for
+from service.trainer import init_ray, start_tracking, storage_kwargs, tracking_for
 from service.worker import RunInfo
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[s
     stopper = CollapseStopper(math.log(base.model.out_dim), chance, spec.collapse_margin,
                               spec.collapse_patience)
     trainable = tune.with_resources(_trial, _driver_resources())
-    run_config = tune.RunConfig(name=spec.name, stop=stopper, **_tune_storage(base.storage.root))
+    run_config = tune.RunConfig(name=spec.name, stop=stopper, **storage_kwargs(base.storage.root))
     path = storage.join(base.storage.root, spec.name)
     if resume:
         if not tune.Tuner.can_restore(path):
@@ -199,12 +199,6 @@ def _driver_resources() -> dict[str, float]:
         return {"cpu": 0, DRIVER_RESOURCE: 1}
     log.warning("cluster has no %r resource; each trial driver takes 0.1 CPU", DRIVER_RESOURCE)
     return {"cpu": 0.1}
-
-
-def _tune_storage(root: str) -> dict[str, Any]:
-    from service.trainer import storage_kwargs
-
-    return storage_kwargs(root)
 
 
 def _rows(grid, spec: SweepSpec, stopper: CollapseStopper, base: DinoConfig) -> list[dict]:

@@ -9,7 +9,6 @@ they land under the run's storage path.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import sys
@@ -237,7 +236,7 @@ class Worker:
         if self.global_step >= total_steps:
             if self.rank == 0:
                 say(f"[dino] run already complete at step {self.global_step}")
-            self.finish({})
+            self.finish()
             return
         pin = self.device.type == "cuda"
         last_metrics: dict[str, float] = {}
@@ -315,7 +314,7 @@ class Worker:
             ce = t.checkpoint_every_epochs
             save = finished or bool(ce and epoch_done and self.epoch % ce == 0)
             self.report(metrics, save)
-        self.finish(last_metrics)
+        self.finish()
 
     def _knn_all_ranks(self) -> dict[str, float]:
         """k-NN on rank 0; the result is broadcast so every rank reports the same metrics."""
@@ -348,7 +347,7 @@ class Worker:
             f"{m['images_per_sec']:.1f} img/s ETA {eta}"
         )
 
-    def finish(self, last: dict[str, float]) -> None:
+    def finish(self) -> None:
         """Rank 0 exports the teacher backbone next to the checkpoints and to MLflow."""
         if self.rank != 0:
             return
@@ -364,8 +363,6 @@ class Worker:
                 self.tracker.flush()
         if self.skipped_images:
             say(f"[dino] skipped {self.skipped_images} unreadable images")
-        if last and not math.isfinite(last.get("loss", 0.0)):
-            log.warning("last logged loss is not finite")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
