@@ -57,12 +57,10 @@ def export_backbone(checkpoint_uri: str, out: str, which: str = "teacher") -> st
 
 def _split(path: str, image_size: int, cfg: DinoConfig | None, train: bool,
            transform: Callable | None = None):
-    d = (cfg or DinoConfig()).data
-    seed = d.seed + (data.EVAL_TRAIN_SEED_OFFSET if train else data.EVAL_VAL_SEED_OFFSET)
-    e = (cfg or DinoConfig()).eval
-    size = e.procedural_train_size if train else e.procedural_val_size
-    return data.open_images(path, transform or eval_transform(image_size), size, seed,
-                            cfg or DinoConfig())
+    cfg = cfg or DinoConfig()
+    seed = cfg.data.seed + (data.EVAL_TRAIN_SEED_OFFSET if train else data.EVAL_VAL_SEED_OFFSET)
+    size = cfg.eval.procedural_train_size if train else cfg.eval.procedural_val_size
+    return data.open_images(path, transform or eval_transform(image_size), size, seed, cfg)
 
 
 def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int = 224,

@@ -1,4 +1,5 @@
-"""Session-scoped local services for integration tests, started and stopped by pid."""
+"""Shared fixtures: session-scoped local services for integration tests, started and stopped
+by pid, and a one-thread setting for tests of tiny tensors."""
 
 from __future__ import annotations
 
@@ -37,6 +38,18 @@ def _running(service: stack.Service) -> Iterator[stack.Service]:
     finally:
         stack.stop(service)
         assert not stack.alive_pids(service), f"{service.name} left processes running"
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op thread for a test of tiny tensors: on a busy 2-core machine the extra
+    threads only add synchronisation (the 400-trial augmentation loops ran 20x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @dataclass

@@ -54,14 +54,7 @@ def _rate(view: T.Compose, image: torch.Tensor, event) -> float:
     return float(np.mean([event(_to_uint8(chain(image))) for _ in range(N_TRIALS)]))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Crops are tiny: intra-op threads only add synchronisation, which on a busy 2-core
-    # machine made the 400-trial loops 20x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -44,13 +44,7 @@ N_LOCAL = 4
 N = 600  # images per statistical test: binomial std at p=0.5 is 0.02, bounds at >= 3.5 std
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small tensors: intra-op threads only add synchronisation on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _small() -> BatchedMultiCrop:
