@@ -21,6 +21,15 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
+def _flush_ray_logs() -> None:
+    """Shuts the driver's Ray down before the summary: Ray's log deduplicator prints its
+    held-back "[repeated Nx]" lines at shutdown, which otherwise land after ``--json``."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.resume:
@@ -32,6 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{cfg.train.epochs} epochs, global batch {cfg.train.batch_size} on "
           f"{cfg.ray.num_workers} worker(s), storage {cfg.storage.root}", flush=True)
     res = train(cfg)
+    _flush_ray_logs()
     print("\n[dino] done")
     print(f"  checkpoints : {res.run_url}  (latest: {res.checkpoint})")
     print(f"  backbone    : {res.backbone}")
@@ -65,6 +75,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"[dino] sweep {spec.name!r} over {', '.join(space)}; objective {OBJECTIVE} "
           f"(the DINO loss is not comparable across teacher temperatures)", flush=True)
     out = run_sweep(cfg, spec, resume=args.resume)
+    _flush_ray_logs()
     rows = out["rows"]
     keys = list(space)
     print(f"\n[dino] sweep results ({len(rows)} trials, best first), {out['sweep_url']}")
