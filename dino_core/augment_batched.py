@@ -106,9 +106,18 @@ def sample_boxes(
     return torch.stack([top, left, h, w], dim=1)
 
 
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU tensor on ``device`` without stalling a GPU: a copy from pageable memory waits
+    for the stream to drain, one from pinned memory is queued like a kernel."""
+    t = t if dtype is None else t.to(dtype)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``(N,)`` factors as ``(N, 1, 1, 1)`` on ``like``'s device, to broadcast over crops."""
-    return values.to(like.device, like.dtype).view(-1, 1, 1, 1)
+    return to_device(values, like.device, like.dtype).view(-1, 1, 1, 1)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -164,7 +173,7 @@ def adjust_hue(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     numerator = torch.lerp(db - dg, torch.lerp(dr - db, dg - dr, sg), sr)
     # a grey pixel (chroma 0) has numerator 0, so any positive divisor gives hue 0 there
     h = numerator.div_(chroma.clamp_min(1e-12)).add_(sg.add_(1).mul_(sr), alpha=2)
-    h.add_(6 * factor.to(x.device, x.dtype).view(-1, 1, 1))
+    h.add_(6 * to_device(factor, x.device, x.dtype).view(-1, 1, 1))
     out = torch.empty_like(x)
     for channel, centre in enumerate((0.0, 2.0, 4.0)):
         # h - centre lies in (-8, 8): one turn (6) either way covers the circle, no mod
@@ -202,7 +211,7 @@ def gaussian_blur(
     half = min(kernel_size // 2, height - 1, width - 1)
     taps = torch.arange(-half, half + 1, dtype=torch.float32)
     kernel = torch.exp(-0.5 * (taps / sigma.float().view(-1, 1)) ** 2)
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).to(x.device, x.dtype)  # (N, taps)
+    kernel = to_device(kernel / kernel.sum(dim=1, keepdim=True), x.device, x.dtype)  # (N, taps)
     method = method or ("shift" if x.device.type == "cpu" else "conv")
     # Padding each pass only along its own axis avoids convolving the padded rows.
     if method == "shift":
@@ -255,7 +264,7 @@ def _grouped(
     parts, order = [], []
     for value in at.unique().tolist():
         where = (at == value).nonzero().squeeze(1)
-        part = x if len(where) == len(at) else x.index_select(0, where.to(x.device))
+        part = x if len(where) == len(at) else x.index_select(0, to_device(where, x.device))
         parts.append(part if value < 0 else fns[value](part, crop_id[where]))
         order.append(where)
     if len(parts) == 1:
@@ -385,7 +394,7 @@ class BatchedMultiCrop:
         gy = (2 * (top.view(-1, 1) + u * h.view(-1, 1)) / height - 1).float()
         ux = torch.where(p["flip"].view(-1, 1), 1 - u, u)  # a flip reverses the x taps
         gx = (2 * (left.view(-1, 1) + ux * w.view(-1, 1)) / width - 1).float()
-        gy, gx = gy.to(x.device), gx.to(x.device)
+        gy, gx = to_device(gy, x.device), to_device(gx, x.device)
         k = gy.shape[0]
         grid = torch.stack(
             [gx.view(k, 1, size).expand(k, size, size), gy.view(k, size, 1).expand(k, size, size)],
@@ -418,10 +427,10 @@ class BatchedMultiCrop:
         x, crop_id = _grouped(x, crop_id, p["blur"].long() - 1, blur)
         x, crop_id = _grouped(x, crop_id, p["solarize"].long() - 1, [lambda y, ids: solarize(y)])
         if not torch.equal(crop_id, torch.arange(len(x))):
-            x = x.index_select(0, crop_id.argsort().to(x.device))
+            x = x.index_select(0, to_device(crop_id.argsort(), x.device))
         # (x - mean) / std as one multiply-add, written straight into the output views
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = to_device(torch.tensor(self.std), x.device).view(1, 3, 1, 1)
+        mean = to_device(torch.tensor(self.mean), x.device).view(1, 3, 1, 1)
         views = x.view(-1, out.shape[0], 3, *x.shape[-2:]).transpose(0, 1)
         torch.addcmul(-mean / std, views, 1 / std, out=out)
 

@@ -91,7 +91,11 @@ class DINOLoss(nn.Module):
         return loss
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        """``c <- m c + (1 - m) mean(teacher_out)``, the mean over the global batch."""
+    def update_center(self, teacher_out: torch.Tensor, keep_if: torch.Tensor | None = None) -> None:
+        """``c <- m c + (1 - m) mean(teacher_out)``, the mean over the global batch.
+
+        ``keep_if``: a device bool; when False the center is left as it is (no host sync).
+        """
         batch_center = self.all_reduce_mean(teacher_out.float().mean(dim=0, keepdim=True))
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        new = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self.center.copy_(new if keep_if is None else torch.where(keep_if, new, self.center))

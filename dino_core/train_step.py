@@ -36,12 +36,23 @@ class StepConfig:
     clip_grad: float = 3.0  # 0 disables clipping
     autocast_dtype: torch.dtype | None = None  # torch.bfloat16 / torch.float16 / None (fp32)
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = field(default=identity)
+    # False: read the loss on the host every step and raise NonFiniteLossError at once (one
+    # device sync per step). True: never wait on the device; a non-finite step is turned
+    # into a no-op on the device (needs a fused AdamW) and reported through
+    # ``StepOutput.finite``, for the caller to check when it reads metrics anyway.
+    defer_nonfinite_check: bool = False
 
 
 @dataclass
 class StepOutput:
-    loss: float  # mean over processes
+    loss_tensor: torch.Tensor  # mean over processes, on the device
+    finite: torch.Tensor  # device bool: False when the step was skipped as non-finite
     stats: dict[str, torch.Tensor]  # teacher entropy / KL to uniform, on the device
+
+    @property
+    def loss(self) -> float:
+        """The loss as a Python float (waits for the device)."""
+        return float(self.loss_tensor)
 
 
 def train_step(
@@ -77,7 +88,9 @@ def train_step(
         clip_module: the unwrapped student, whose parameters are clipped and frozen.
 
     Raises:
-        NonFiniteLossError: before anything is updated.
+        NonFiniteLossError: before anything is updated (only without
+            ``cfg.defer_nonfinite_check``; with it, the step is a device-side no-op and
+            ``finite`` is False).
     """
     for i, group in enumerate(optimizer.param_groups):
         group["lr"] = values["lr"]
@@ -100,10 +113,15 @@ def train_step(
         )
 
     # the mean over processes makes every rank take the same decision on a bad step
-    global_loss = cfg.all_reduce_mean(loss.detach()).item()
-    if not math.isfinite(global_loss):
-        raise NonFiniteLossError(step, global_loss)
-    loss_fn.update_center(teacher_out)
+    global_loss = cfg.all_reduce_mean(loss.detach())
+    finite = torch.isfinite(global_loss)
+    if cfg.defer_nonfinite_check:
+        _skip_optimizer_step_unless(optimizer, finite)
+    else:
+        value = global_loss.item()
+        if not math.isfinite(value):
+            raise NonFiniteLossError(step, value)
+    loss_fn.update_center(teacher_out, keep_if=None if not cfg.defer_nonfinite_check else finite)
 
     params_owner = clip_module if clip_module is not None else student
     optimizer.zero_grad(set_to_none=True)
@@ -122,5 +140,15 @@ def train_step(
     else:
         optimizer.step()
 
-    ema_update(ema_params[0], ema_params[1], values["momentum"])
-    return StepOutput(loss=global_loss, stats=stats)
+    ema_update(ema_params[0], ema_params[1], values["momentum"],
+               gate=finite if cfg.defer_nonfinite_check else None)
+    return StepOutput(loss_tensor=global_loss, finite=finite, stats=stats)
+
+
+def _skip_optimizer_step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """Makes the next ``optimizer.step()`` a no-op on the device when ``finite`` is False,
+    without a host sync: the fused AdamW kernel skips parameters, moments and step count
+    when its ``found_inf`` tensor is non-zero (the mechanism GradScaler uses)."""
+    if not optimizer.defaults.get("fused"):
+        raise ValueError("defer_nonfinite_check needs a fused optimizer (build_optimizer(fused=True))")
+    optimizer.found_inf = (~finite).float()  # type: ignore[attr-defined]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import sys
+import time
 
-from service.config import ConfigError, load_config
+from service.config import ConfigError, load_config, resolve_paths
 
 EPILOG_OVERRIDES = (
     "Any config key can be overridden as key=value, e.g. "
@@ -19,6 +21,11 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="named preset (see `dino presets`)")
     p.add_argument("--config", help="YAML file with config sections")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def unique_run_name(prefix: str = "dino") -> str:
+    """``dino-20260101-120000-3fa2c1``: UTC time (sorts by start) and 24 random bits."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 def _flush_ray_logs() -> None:
@@ -35,12 +42,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.preset, args.config, overrides)
+    if "run_name" not in cfg.model_fields_set:  # neither the preset, the file nor an override
+        # a fresh name: two unnamed runs on one storage root never share a directory
+        cfg = cfg.model_copy(update={"run_name": unique_run_name()})
+    from service import runlock
     from service.trainer import train
 
     print(f"[dino] run {cfg.run_name!r}: {cfg.model.arch}/{cfg.model.patch_size}, "
           f"{cfg.train.epochs} epochs, global batch {cfg.train.batch_size} on "
           f"{cfg.ray.num_workers} worker(s), storage {cfg.storage.root}", flush=True)
-    res = train(cfg)
+    try:
+        with runlock.hold(resolve_paths(cfg).storage.root, cfg.run_name):
+            res = train(cfg)
+    except runlock.RunInUseError as err:
+        print(f"dino: {err}", file=sys.stderr)
+        return 1
     _flush_ray_logs()
     print("\n[dino] done")
     print(f"  checkpoints : {res.run_url}  (latest: {res.checkpoint})")

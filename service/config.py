@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "memory")
 
@@ -127,6 +134,13 @@ class TrainConfig(_Section):
     keep_last: int = Field(3, ge=1, description="checkpoints kept in storage")
     log_every_steps: int = Field(10, ge=1, description="metrics and progress line period")
     max_steps: int | None = Field(None, ge=1, description="stop early (tests, smoke runs)")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the backbones: auto = on GPU (minutes to compile on CPU)"
+    )
+    defer_nonfinite_check: Literal["auto"] | bool = Field(
+        "auto", description="auto = on GPU: no host sync per step; a NaN step is a no-op, "
+        "noticed at the next log step"
+    )
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="stop: raise and keep the last checkpoint; skip: drop the step"
     )
@@ -151,15 +165,17 @@ class StorageConfig(_Section):
         "runs", description="checkpoints root: local path or fsspec URL (s3://, gs://)"
     )
 
-    @model_validator(mode="after")
-    def _check(self) -> StorageConfig:
-        scheme = url_scheme(self.root)
+    @field_validator("root")
+    @classmethod
+    def _check_root(cls, root: str) -> str:
+        # a field validator, so the error names storage.root, not just the section
+        scheme = url_scheme(root)
         if scheme not in STORAGE_SCHEMES:
             raise ValueError(
-                f"unknown storage scheme {scheme!r} in {self.root!r}; allowed: "
+                f"unknown storage scheme {scheme!r} in {root!r}; allowed: "
                 f"a local path or {', '.join(s + '://' for s in STORAGE_SCHEMES)}"
             )
-        return self
+        return root
 
 
 class TrackingConfig(_Section):
@@ -194,10 +210,13 @@ class DinoConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DinoConfig:
-        if self.train.batch_size % self.ray.num_workers:
+        batch, workers = self.train.batch_size, self.ray.num_workers
+        if batch % workers:
+            below, above = batch // workers * workers, (batch // workers + 1) * workers
+            nearest = f"{below} or {above}" if below else f"{above}"
             raise ValueError(
-                f"train.batch_size ({self.train.batch_size}) must be divisible by "
-                f"ray.num_workers ({self.ray.num_workers})"
+                f"train.batch_size ({batch}) must be divisible by ray.num_workers ({workers}); "
+                f"nearest allowed: {nearest}"
             )
         return self
 

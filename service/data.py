@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,9 +31,10 @@ class RemoteImageFolder(Dataset):
     """Images under an fsspec URL (s3://bucket/prefix, gs://...), labelled by first-level
     folder like ``ImageFolder``; unreadable files give ``None`` and are counted."""
 
-    def __init__(self, url: str, transform: Callable | None = None) -> None:
+    def __init__(self, url: str, transform: Callable | None = None,
+                 size_hint: int | None = None) -> None:
         self.url = url
-        self.transform = transform
+        self.transform, self.size_hint = transform, size_hint
         fs, root = storage.get_fs(url)
         root = root.rstrip("/")
         files = sorted(
@@ -59,7 +61,7 @@ class RemoteImageFolder(Dataset):
             self._fs = storage.get_fs(self.url)[0]
         path = self.files[i]
         try:
-            image = load_rgb(io.BytesIO(self._fs.cat_file(path)))
+            image = load_rgb(io.BytesIO(self._fs.cat_file(path)), self.size_hint)
         except Exception as err:  # noqa: BLE001 - any unreadable file is skipped and counted
             self.skipped += 1
             log.warning("skipping unreadable image %s: %s", path, err)
@@ -67,15 +69,19 @@ class RemoteImageFolder(Dataset):
         return (self.transform(image) if self.transform else image), self.labels[i]
 
 
-def open_images(path: str, transform: Callable, size: int, seed: int, cfg: DinoConfig) -> Dataset:
-    """A folder, an fsspec URL, or (``procedural``) the generated set of ``size`` images."""
+def open_images(path: str, transform: Callable, size: int, seed: int, cfg: DinoConfig,
+                size_hint: int | None = None) -> Dataset:
+    """A folder, an fsspec URL, or (``procedural``) the generated set of ``size`` images.
+
+    ``size_hint``: the smallest side the transform needs; large JPEGs are decoded at a
+    reduced scale that keeps both sides at least this long (see ``load_rgb``)."""
     if path == PROCEDURAL:
         d = cfg.data
         return ProceduralShapes(size, d.procedural_image_size, d.procedural_classes, seed,
                                 transform, difficulty=d.procedural_difficulty, colourful=d.procedural_colourful)
     if "://" in path and not path.startswith("file://"):
-        return RemoteImageFolder(path, transform)
-    return ImageFolder(path.removeprefix("file://"), transform=transform)
+        return RemoteImageFolder(path, transform, size_hint)
+    return ImageFolder(path.removeprefix("file://"), transform=transform, size_hint=size_hint)
 
 
 def batched(cfg: DinoConfig) -> bool:
@@ -84,6 +90,23 @@ def batched(cfg: DinoConfig) -> bool:
 
 def canvas_size(cfg: DinoConfig) -> int:
     return cfg.aug.canvas_size or round(cfg.aug.global_size * 8 / 7)
+
+
+def decode_size_hint(cfg: DinoConfig) -> int:
+    """The shortest image side at which no training crop is upsampled.
+
+    Batched: the canvas side (the shorter side is resized to it). Per-image: a
+    ``RandomResizedCrop`` of ``size`` px at the smallest scale ``s`` and the narrowest aspect
+    ratio (3/4, torchvision's default) spans ``sqrt(s * 3/4)`` of a square image's side, so
+    the side must be ``size / sqrt(s * 3/4)``: 496 px for the paper's 96 px local crops at
+    scale 0.05, which lets a 6000x4000 JPEG decode at 1/8 scale (750x500).
+    """
+    a = cfg.aug
+    if batched(cfg):
+        return canvas_size(cfg)
+    return max(math.ceil(size / math.sqrt(scale * 3 / 4))
+               for size, scale in ((a.global_size, a.global_scale[0]),
+                                   (a.local_size, a.local_scale[0])))
 
 
 def train_dataset(cfg: DinoConfig) -> Dataset:
@@ -96,7 +119,8 @@ def train_dataset(cfg: DinoConfig) -> Dataset:
         tf = MultiCropAugmentation(a.global_size, a.local_size, a.n_local,
                                    tuple(a.global_scale), tuple(a.local_scale))
     d = cfg.data
-    return open_images(d.path, tf, d.procedural_size, d.seed, cfg)
+    return open_images(d.path, tf, d.procedural_size, d.seed, cfg,
+                       size_hint=decode_size_hint(cfg))
 
 
 def batched_augmentation(cfg: DinoConfig) -> BatchedMultiCrop | None:
@@ -111,9 +135,11 @@ def eval_datasets(cfg: DinoConfig) -> tuple[Dataset, Dataset]:
     """The labeled (train, val) splits for k-NN, with Resize + CenterCrop."""
     e, d = cfg.eval, cfg.data
     tf = eval_transform(e.image_size)
+    hint = int(e.image_size * 256 / 224)  # eval_transform's resize of the shorter side
     train = open_images(e.train_path, tf, e.procedural_train_size,
-                        d.seed + EVAL_TRAIN_SEED_OFFSET, cfg)
-    val = open_images(e.val_path, tf, e.procedural_val_size, d.seed + EVAL_VAL_SEED_OFFSET, cfg)
+                        d.seed + EVAL_TRAIN_SEED_OFFSET, cfg, size_hint=hint)
+    val = open_images(e.val_path, tf, e.procedural_val_size, d.seed + EVAL_VAL_SEED_OFFSET, cfg,
+                      size_hint=hint)
     return train, val
 
 

@@ -36,6 +36,7 @@ from dino_core import (
 from dino_core.eval import extract_features
 from dino_core.export import backbone_state_from_checkpoint, save_backbone
 from dino_core.loss import identity
+from dino_core.models import compile_backbone
 from service import checkpoint as ckpt
 from service import data, storage
 from service.config import DinoConfig, to_yaml
@@ -63,6 +64,18 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def switch(value: str | bool, device: torch.device) -> bool:
+    """``auto`` / true / false config switches; auto means true on GPUs."""
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
+def nonfinite_fault_steps() -> set[int]:
+    """Fault injection for tests and drills: ``DINO_FAULT_NONFINITE_STEPS=5,9`` feeds NaN
+    crops to the step at those global steps, so a real NaN loss goes through the real step."""
+    raw = os.environ.get("DINO_FAULT_NONFINITE_STEPS", "")
+    return {int(x) for x in raw.split(",") if x.strip()}
 
 
 def seed_everything(*key: int) -> None:
@@ -124,14 +137,21 @@ class Worker:
         self.student.to(self.device)
         self.teacher.to(self.device)
         self.ema_params = ema_parameter_lists(self.teacher, self.student)
-        self.optimizer = build_optimizer(self.student)
+        # a deferred non-finite check skips bad steps inside the fused AdamW kernel
+        self.defer_check = switch(cfg.train.defer_nonfinite_check, self.device)
+        self.optimizer = build_optimizer(self.student, fused=True if self.defer_check else None)
         reduce = all_reduce_mean if self.world > 1 else identity
         self.loss_fn = DINOLoss(cfg.model.out_dim, cfg.loss.student_temp,
                                 cfg.loss.center_momentum, reduce).to(self.device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.step_cfg = StepConfig(clip_grad=cfg.optim.clip_grad, autocast_dtype=self.amp_dtype,
-                                   all_reduce_mean=reduce)
+                                   all_reduce_mean=reduce, defer_nonfinite_check=self.defer_check)
+        # deferred mode: non-finite steps counted on the device, read when metrics are read
+        self.bad_steps = torch.zeros((), dtype=torch.long, device=self.device)
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.fault_steps = nonfinite_fault_steps()
+        self.deferred_seen = 0
         o, lo = cfg.optim, cfg.loss
         self.sched = build_schedules(
             epochs=cfg.train.epochs, niter_per_ep=self.niter_per_ep,
@@ -145,6 +165,10 @@ class Worker:
         self.skipped_steps = 0
         self.skipped_images = 0
         self.restored_from = self._restore()
+        if switch(cfg.train.compile, self.device):
+            # in place, after restoring: parameter names (checkpoints, EMA pairs) do not change
+            compile_backbone(self.student.backbone)
+            compile_backbone(self.teacher.backbone)
         # wrap only after restoring into the plain module
         self.model = ray.train.torch.prepare_model(self.student, move_to_device=False) \
             if self.world > 1 else self.student
@@ -168,26 +192,25 @@ class Worker:
         }
 
     def _restore(self) -> str | None:
+        """The newest complete checkpoint of this run, else ``train.resume``, else None.
+
+        The run's storage directory is scanned rather than trusting only Ray's record
+        (``ray.train.get_checkpoint()``): a worker killed right after writing a checkpoint
+        dies before Ray's controller registers it, and the restarted group would otherwise
+        start from an older one, or from scratch. Damaged ones (manifest missing or not
+        matching) are skipped with a warning.
+        """
         import ray.train
 
-        found = None
-        latest = ray.train.get_checkpoint()
-        if latest is not None:
-            # same run name: continue from the last reported checkpoint, falling back to an
-            # older one if the latest is damaged
-            latest_url = storage.with_scheme(str(latest.path), self.info.run_url)
-            with latest.as_directory() as d:
-                try:
-                    ckpt.verify(d)
-                    found = (latest_url, ckpt.load_checkpoint(d))
-                except ckpt.CheckpointError as err:
-                    log.warning("latest checkpoint %s is damaged (%s); trying older ones",
-                                latest_url, err)
-            if found is None:
-                older = [c for c in ckpt.checkpoint_dirs(self.info.run_url)
-                         if c.rstrip("/") != latest_url.rstrip("/")]
-                found = ckpt.load_latest_valid(older)
-        elif self.cfg.train.resume:
+        candidates = ckpt.checkpoint_dirs(self.info.run_url)
+        found = ckpt.load_latest_valid(candidates) if candidates else None
+        registered = ray.train.get_checkpoint()
+        if found is not None and registered is not None:
+            ray_url = storage.with_scheme(str(registered.path), self.info.run_url)
+            if ray_url.rstrip("/") != str(found[0]).rstrip("/") and self.rank == 0:
+                say(f"[dino] using {found[0]}: newer than Ray's last registered checkpoint "
+                    f"{ray_url} (a worker died before reporting it)")
+        if found is None and self.cfg.train.resume:
             found = (self.cfg.train.resume, ckpt.load_checkpoint(self.cfg.train.resume))
         if found is None:
             return None
@@ -212,6 +235,7 @@ class Worker:
             with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as d:
                 ckpt.write_checkpoint(d, self.state(), to_yaml(self.cfg))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            say(f"[dino] checkpoint saved at epoch {self.epoch} step {self.global_step}")
         else:
             ray.train.report(metrics, checkpoint=None)
 
@@ -238,6 +262,7 @@ class Worker:
                 say(f"[dino] run already complete at step {self.global_step}")
             self.finish()
             return
+        say(f"[dino] worker rank {self.rank}/{self.world} pid {os.getpid()} on {self.device}")
         pin = self.device.type == "cuda"
         last_metrics: dict[str, float] = {}
         started, steps_done = time.time(), 0
@@ -250,13 +275,20 @@ class Worker:
             aug_gen = torch.Generator().manual_seed(
                 int(np.random.default_rng((t.seed, self.rank, self.epoch, self.batch_in_epoch,
                                            7)).integers(2**62)))
-            for batch, _labels, n_skipped in loader:
+            for batch, labels, n_skipped in loader:
                 step_start = time.time()
                 self.skipped_images += n_skipped
+                if self._all_ranks_empty(labels):
+                    # every image of the batch was unreadable: no step, on every rank alike
+                    self.global_step += 1
+                    self.batch_in_epoch += 1
+                    continue
                 if self.augment is not None:
                     crops = self.augment(batch.to(self.device, non_blocking=True), aug_gen)
                 else:
                     crops = [c.to(self.device, non_blocking=True) for c in batch]
+                if self.global_step in self.fault_steps:
+                    crops = [c * float("nan") for c in crops]
                 values = self.sched.at(self.global_step)
                 try:
                     out = train_step(
@@ -267,21 +299,23 @@ class Worker:
                         ema_params=self.ema_params, cfg=self.step_cfg, scaler=self.scaler,
                         clip_module=self.student,
                     )
+                    if self.defer_check:
+                        bad = ~out.finite
+                        self.first_bad_step = torch.where(
+                            bad & (self.first_bad_step < 0), self.global_step, self.first_bad_step)
+                        self.bad_steps += bad
                 except NonFiniteLossError as err:
-                    self.skipped_steps += 1
-                    if t.on_nonfinite == "stop" or self.skipped_steps > t.max_skipped_steps:
-                        if self.tracker:
-                            self.tracker.log_metrics({"nonfinite_steps": self.skipped_steps},
-                                                     self.global_step)
-                            self.tracker.end("FAILED")
-                        raise
-                    log.warning("%s; skipped (%d so far)", err, self.skipped_steps)
+                    self._on_nonfinite(err, 1)
                     out = None
                 self.global_step += 1
                 self.batch_in_epoch += 1
                 steps_done += 1
                 window_images += len(crops[0]) * self.world if crops else 0
-                if out is not None and self.global_step % t.log_every_steps == 0:
+                if self.defer_check and (self.global_step % t.log_every_steps == 0
+                                         or self.global_step >= total_steps):
+                    self._check_deferred()
+                if out is not None and self.global_step % t.log_every_steps == 0 and (
+                        not self.defer_check or bool(out.finite)):
                     elapsed = time.time() - window_start
                     ips = window_images / max(elapsed, 1e-9)
                     last_metrics = {
@@ -297,8 +331,12 @@ class Worker:
                     break
                 if t.checkpoint_every_steps and self.global_step % t.checkpoint_every_steps == 0 \
                         and self.batch_in_epoch < self.niter_per_ep:
+                    if self.defer_check:
+                        self._check_deferred()  # never checkpoint past an unnoticed bad step
                     self.report({"epoch": self.epoch, "step": self.global_step,
                                  **{k: v for k, v in last_metrics.items() if k == "loss"}}, True)
+            if self.defer_check:
+                self._check_deferred()
             epoch_done = self.batch_in_epoch >= self.niter_per_ep
             if epoch_done:
                 self.epoch += 1
@@ -315,6 +353,45 @@ class Worker:
             save = finished or bool(ce and epoch_done and self.epoch % ce == 0)
             self.report(metrics, save)
         self.finish()
+
+    def _all_ranks_empty(self, labels: torch.Tensor) -> bool:
+        """True when this rank's batch is empty (all unreadable) on *any* rank: the ranks
+        must take the same number of steps or DDP's all-reduces would pair up wrongly."""
+        empty = torch.tensor(float(labels.numel() == 0))
+        if self.world > 1:
+            empty = empty.to(self.device) if dist.get_backend() == "nccl" else empty
+            dist.all_reduce(empty, op=dist.ReduceOp.MAX)
+        return bool(empty.item())
+
+    def _on_nonfinite(self, err: NonFiniteLossError, count: int) -> None:
+        """Stop (the default) or skip-and-count; raising keeps the last checkpoint as is."""
+        self.skipped_steps += count
+        t = self.cfg.train
+        if t.on_nonfinite == "stop" or self.skipped_steps > t.max_skipped_steps:
+            if self.tracker:
+                self.tracker.log_metrics({"nonfinite_steps": self.skipped_steps},
+                                         self.global_step)
+                self.tracker.end("FAILED")
+            if t.on_nonfinite == "skip":
+                raise RuntimeError(
+                    f"gave up after {self.skipped_steps} non-finite steps, the last at step "
+                    f"{err.step} (train.max_skipped_steps={t.max_skipped_steps})") from err
+            raise err
+        log.warning("%s; skipped (%d so far)", err, self.skipped_steps)
+        if self.rank == 0:
+            say(f"[dino] non-finite loss at step {err.step}: step skipped "
+                f"({self.skipped_steps} so far, at most {t.max_skipped_steps})")
+
+    def _check_deferred(self) -> None:
+        """Reads the device-side count of skipped non-finite steps (one host sync)."""
+        seen = int(self.bad_steps.item())
+        new = seen - self.deferred_seen
+        if new <= 0:
+            return
+        self.deferred_seen = seen
+        first = int(self.first_bad_step.item())
+        self.first_bad_step.fill_(-1)
+        self._on_nonfinite(NonFiniteLossError(first, float("nan")), new)
 
     def _knn_all_ranks(self) -> dict[str, float]:
         """k-NN on rank 0; the result is broadcast so every rank reports the same metrics."""
@@ -349,6 +426,11 @@ class Worker:
 
     def finish(self) -> None:
         """Rank 0 exports the teacher backbone next to the checkpoints and to MLflow."""
+        if self.world > 1:  # failed loads of every rank, not only rank 0's
+            total = torch.tensor(float(self.skipped_images))
+            total = total.to(self.device) if dist.get_backend() == "nccl" else total
+            dist.all_reduce(total)
+            self.skipped_images = int(total.item())
         if self.rank != 0:
             return
         with tempfile.TemporaryDirectory(prefix="dino-export-") as d:
@@ -362,7 +444,8 @@ class Worker:
                 self.tracker.log_artifact(path)
                 self.tracker.flush()
         if self.skipped_images:
-            say(f"[dino] skipped {self.skipped_images} unreadable images")
+            say(f"[dino] skipped {self.skipped_images} unreadable images "
+                "(failed loads over all epochs and workers; the paths are in the log)")
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

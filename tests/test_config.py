@@ -45,7 +45,7 @@ def test_preset_file_and_overrides_in_order(tmp_path):
         ("model.arch=vit_huge", "model.arch", "'vit_tiny', 'vit_small', 'vit_base' or 'resnet50'"),
         ("train.bogus=1", "train.bogus", "unknown key; allowed keys here: epochs"),
         ("bogus=1", "bogus", "unknown key"),
-        ("storage.root=ftp://host/x", "storage", "unknown storage scheme 'ftp'"),
+        ("storage.root=ftp://host/x", "storage.root", "unknown storage scheme 'ftp'"),
         ("train.precision=fp8", "train.precision", "'auto', 'fp32', 'bf16' or 'fp16'"),
         ("aug.local_size=300", "aug", "local_size (300) must be <= global_size (224)"),
     ],
@@ -94,19 +94,56 @@ def test_yaml_round_trip_and_flatten(tmp_path):
     assert flat["optim.lr"] == 0.003 and flat["model.arch"] == "vit_tiny"
 
 
-def test_cli_rejects_bad_config_before_starting_ray(tmp_path):
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lr=-1"], "optim.lr: Input should be greater than 0 (got -1)"),
+        (["loss.teacher_temp=0"], "loss.teacher_temp: Input should be greater than 0 (got 0)"),
+        (["loss.teacher_temp=-0.04"], "loss.teacher_temp: Input should be greater than 0"),
+        (["optim.momentum_teacher=1.0"], "optim.momentum_teacher: Input should be less than 1"),
+        (["optim.momentum_teacher=-0.1"],
+         "optim.momentum_teacher: Input should be greater than or equal to 0"),
+        (["train.batch_size=10", "ray.num_workers=3"],
+         "train.batch_size (10) must be divisible by ray.num_workers (3); nearest allowed: 9 or 12"),
+        (["train.bogus=1"], "train.bogus: unknown key; allowed keys here: epochs, batch_size"),
+        (["train.storage=s3://bucket/x"], "train.storage: unknown key; allowed keys here: epochs"),
+        (["model.arch=vit_huge"],
+         "model.arch: Input should be 'vit_tiny', 'vit_small', 'vit_base' or 'resnet50'"),
+        (["storage.root=foo://bucket/x"], "storage.root: unknown storage scheme 'foo' in "
+         "'foo://bucket/x'; allowed: a local path or file://, s3://, gs://"),
+    ],
+)  # fmt: skip
+def test_cli_rejects_bad_config_before_starting_ray(tmp_path, overrides, message):
+    """`dino train` exits 2 naming the field and what is allowed, and takes nothing first:
+    ray is never imported (``-X importtime`` lists every import), no child process runs, no
+    Ray temp dir and nothing under the storage root appears."""
     import subprocess
     import sys
+    import time
 
-    out = subprocess.run(
-        [sys.executable, "-m", "service.cli", "train", "--preset", "quickstart", "optim.lr=-1",
-         f"storage.root={tmp_path}"], capture_output=True, text=True, timeout=120,
-        env={**os.environ, "RAY_ADDRESS": ""},
-    )
-    assert out.returncode == 2
-    assert "optim.lr: Input should be greater than 0" in out.stderr
-    assert "ray" not in out.stdout.lower()
-    assert not list(tmp_path.iterdir())  # nothing written
+    import psutil
+
+    storage, ray_tmp = tmp_path / "storage", tmp_path / "ray-tmp"
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "importtime", "-m", "service.cli", "train", "--preset",
+         "quickstart", f"storage.root={storage}", *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)},
+    )  # fmt: skip
+    children: set[str] = set()
+    while proc.poll() is None:  # watch for any child process (a Ray would start several)
+        children |= {c.name() for c in psutil.Process(proc.pid).children(recursive=True)}
+        time.sleep(0.02)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, stdout + stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if not line.startswith("import time:")]
+    assert errors[0] == "dino: invalid configuration:" and message in "\n".join(errors), errors
+    imported = {line.rsplit("|", 1)[-1].strip() for line in stderr.splitlines()
+                if line.startswith("import time:")}  # fmt: skip
+    assert "service.config" in imported  # the import log is there...
+    assert not {m for m in imported if m == "ray" or m.startswith("ray.")}  # ...without ray
+    assert not children and not ray_tmp.exists() and not storage.exists()
+    assert stdout == ""
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -204,3 +204,64 @@ def test_nonfinite_loss_raises_before_anything_changes():
     assert all(torch.equal(v, before_t[k]) for k, v in teacher.state_dict().items())
     assert torch.count_nonzero(loss_fn.center) == 0  # the center did not move
     assert not opt.state  # no optimizer step was taken
+
+
+def test_deferred_nonfinite_check_skips_the_step_on_the_device():
+    """With ``defer_nonfinite_check`` a NaN step changes nothing (parameters, teacher, center,
+    AdamW moments and step count) and reports ``finite`` False; a finite step afterwards
+    matches the same step taken in the synchronous mode."""
+    torch.manual_seed(0)
+    spec = NetworkSpec(arch="vit_tiny", patch_size=8, img_size=16, depth=1, out_dim=32,
+                       head_hidden_dim=16, head_bottleneck_dim=8, drop_path_rate=0.0)
+    student, teacher = build_networks(spec)
+    sync_student, sync_teacher = copy.deepcopy(student), copy.deepcopy(teacher)
+    loss_fn, sync_loss_fn = DINOLoss(32), DINOLoss(32)
+    opt = build_optimizer(student, fused=True)
+    sync_opt = build_optimizer(sync_student, fused=True)
+    values = {"lr": 1e-3, "weight_decay": 0.04, "momentum": 0.99, "teacher_temp": 0.04}
+    good = [torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)]
+    bad = [good[0], torch.full((2, 3, 16, 16), float("nan"))]
+
+    def step(s, t, lf, o, crops, defer):
+        return train_step(student=s, teacher=t, loss_fn=lf, optimizer=o, crops=crops,
+                          values=values, step=0, freeze_last_layer=False,
+                          ema_params=ema_parameter_lists(t, s),
+                          cfg=StepConfig(defer_nonfinite_check=defer))
+
+    out = step(student, teacher, loss_fn, opt, good, True)
+    sync_out = step(sync_student, sync_teacher, sync_loss_fn, sync_opt, good, False)
+    assert bool(out.finite) and math.isclose(out.loss, sync_out.loss, rel_tol=1e-6)
+    for a, b in ((student, sync_student), (teacher, sync_teacher)):
+        for p, q in zip(a.parameters(), b.parameters()):
+            assert torch.allclose(p, q, atol=1e-7, rtol=0)
+    assert torch.allclose(loss_fn.center, sync_loss_fn.center, atol=1e-7, rtol=0)
+
+    before = copy.deepcopy((student.state_dict(), teacher.state_dict(), opt.state_dict()))
+    center = loss_fn.center.clone()
+    out = step(student, teacher, loss_fn, opt, bad, True)
+    assert not bool(out.finite) and math.isnan(out.loss)
+    for now, then in zip((student.state_dict(), teacher.state_dict()), before[:2]):
+        assert all(torch.equal(v, then[k]) for k, v in now.items())
+    for i, st in opt.state_dict()["state"].items():
+        assert all(torch.equal(v, before[2]["state"][i][k]) for k, v in st.items())
+    assert torch.equal(loss_fn.center, center)
+
+    # the run goes on: the next finite step updates again
+    out = step(student, teacher, loss_fn, opt, good, True)
+    assert bool(out.finite)
+    assert not all(torch.equal(v, before[0][k]) for k, v in student.state_dict().items())
+    assert int(opt.state_dict()["state"][0]["step"]) == 2
+
+
+def test_deferred_check_needs_a_fused_optimizer():
+    torch.manual_seed(0)
+    spec = NetworkSpec(arch="vit_tiny", patch_size=8, img_size=16, depth=1, out_dim=8,
+                       head_hidden_dim=8, head_bottleneck_dim=8)
+    student, teacher = build_networks(spec)
+    values = {"lr": 1e-3, "weight_decay": 0.04, "momentum": 0.99, "teacher_temp": 0.04}
+    with pytest.raises(ValueError, match="fused optimizer"):
+        train_step(student=student, teacher=teacher, loss_fn=DINOLoss(8),
+                   optimizer=build_optimizer(student, fused=False),
+                   crops=[torch.randn(2, 3, 16, 16)] * 2, values=values, step=0,
+                   freeze_last_layer=False, ema_params=ema_parameter_lists(teacher, student),
+                   cfg=StepConfig(defer_nonfinite_check=True))

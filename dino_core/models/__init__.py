@@ -3,6 +3,7 @@
 from dino_core.models.backbone import ARCHS, build_backbone, embed_dim_of
 from dino_core.models.head import DINOHead
 from dino_core.models.multicrop import MultiCropWrapper
+from dino_core.models.speed import compile_backbone
 from dino_core.models.vit_features import intermediate_features, last_self_attention, patch_tokens
 
 __all__ = [
@@ -10,6 +11,7 @@ __all__ = [
     "DINOHead",
     "MultiCropWrapper",
     "build_backbone",
+    "compile_backbone",
     "embed_dim_of",
     "intermediate_features",
     "last_self_attention",

@@ -1,0 +1,355 @@
+"""DINO training-step throughput: the reference semantics vs. this project's step.
+
+Prints one JSON line per measurement. The baseline, ``reference``, re-creates the reference
+step with public APIs (see ``bench/reference_step.py``); each following rung adds one lever,
+so the gain of every lever is the ratio of two neighbouring lines:
+
+    reference -> +sdpa -> +bf16 (CUDA) -> +fused_adamw -> +foreach -> +dino_loss -> +no_sync
+
+then ``dino_core`` runs the project's real ``dino_core.train_step`` with every lever on, and
+``dino_core+compile`` adds ``torch.compile`` of both backbones (``--compile``). Each line has
+images/s, ms per step, peak GPU memory, achieved TFLOP/s (FLOPs counted once with
+``FlopCounterMode``) and ``ratio`` = images/s over the reference's, measured in the same run.
+
+``--check`` prints the numerics: the reference math vs. ours in fp32 (loss to 1e-3
+relative) and the fast path (bf16, compiled if asked) vs. the plain fp32 path (loss and
+gradients within bf16 tolerance). ``--e2e N`` writes N JPEGs and measures the whole pipeline
+(decode in DataLoader workers -> batched multi-crop on the device -> step) against the
+synthetic-crop rate of the same step.
+
+Usage:
+    python bench/step.py --setting small                      # CPU, about a minute
+    python bench/step.py --device cuda --setting paper --batch 64 128 --compile --check \
+        --e2e 2048                                            # one GPU, a few minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from reference_step import Levers, LeverStep, set_fused_attention  # noqa: E402
+
+from dino_core import (  # noqa: E402
+    DINOLoss,
+    NetworkSpec,
+    StepConfig,
+    build_networks,
+    build_optimizer,
+    ema_parameter_lists,
+    train_step,
+)
+from dino_core.models import compile_backbone as compile_backbone_  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Setting:
+    arch: str
+    patch: int
+    depth: int | None
+    global_size: int
+    local_size: int
+    n_local: int
+    out_dim: int
+    hidden: int
+    bottleneck: int
+
+
+SETTINGS = {
+    # the paper's ViT-S/16, 2 x 224 + 10 x 96, K = 65536
+    "paper": Setting("vit_small", 16, None, 224, 96, 10, 65536, 2048, 256),
+    # the quickstart preset's model and crops
+    "small": Setting("vit_tiny", 8, 4, 32, 16, 4, 256, 512, 128),
+}
+LADDER = [
+    ("reference", Levers()),
+    ("+sdpa", Levers(sdpa=True)),
+    ("+bf16", Levers(sdpa=True, bf16=True)),
+    ("+fused_adamw", Levers(sdpa=True, bf16=True, fused_adamw=True)),
+    ("+foreach", Levers(sdpa=True, bf16=True, fused_adamw=True, foreach=True)),
+    ("+dino_loss", Levers(sdpa=True, bf16=True, fused_adamw=True, foreach=True, dino_loss=True)),
+    ("+no_sync", Levers(True, True, True, True, True, True)),
+]
+VALUES = {"lr": 1e-4, "weight_decay": 0.04, "momentum": 0.996, "teacher_temp": 0.04}
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def networks(s: Setting, drop_path: float = 0.1) -> tuple:
+    torch.manual_seed(0)
+    spec = NetworkSpec(arch=s.arch, patch_size=s.patch, img_size=s.global_size, depth=s.depth,
+                       drop_path_rate=drop_path, out_dim=s.out_dim, head_hidden_dim=s.hidden,
+                       head_bottleneck_dim=s.bottleneck)
+    return build_networks(spec)
+
+
+def synthetic_crops(s: Setting, batch: int, device: torch.device) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    sizes = [s.global_size] * 2 + [s.local_size] * s.n_local
+    return [torch.randn(batch, 3, n, n, generator=g).to(device) for n in sizes]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class ProjectStep:
+    """``dino_core.train_step`` with the project's settings: bf16 on CUDA, fused AdamW,
+    foreach clipping and EMA, deferred non-finite check; optionally compiled backbones."""
+
+    def __init__(self, student, teacher, out_dim: int, device: torch.device,
+                 compile_backbone: bool) -> None:
+        set_fused_attention(student, True)
+        set_fused_attention(teacher, True)
+        if compile_backbone:
+            compile_backbone_(student.backbone)
+            compile_backbone_(teacher.backbone)
+        self.student, self.teacher = student, teacher
+        self.loss_fn = DINOLoss(out_dim).to(device)
+        self.optimizer = build_optimizer(student, fused=True)
+        self.ema = ema_parameter_lists(teacher, student)
+        amp = torch.bfloat16 if device.type == "cuda" else None
+        self.cfg = StepConfig(autocast_dtype=amp, defer_nonfinite_check=True)
+
+    def loss(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's forward and loss alone, for the numerics check."""
+        amp = self.cfg.autocast_dtype
+        with torch.autocast(crops[0].device.type, dtype=amp, enabled=amp is not None):
+            with torch.no_grad():
+                teacher_out = self.teacher(crops[:2])
+            loss = self.loss_fn(self.student(crops), teacher_out, VALUES["teacher_temp"], 2,
+                                update_center=False)
+        return loss, teacher_out
+
+    def __call__(self, crops: list[torch.Tensor]) -> None:
+        train_step(student=self.student, teacher=self.teacher, loss_fn=self.loss_fn,
+                   optimizer=self.optimizer, crops=crops, values=VALUES, step=0,
+                   freeze_last_layer=False, ema_params=self.ema, cfg=self.cfg)
+
+
+def count_flops(s: Setting, crops: list[torch.Tensor], device: torch.device) -> float:
+    """FLOPs of one forward+backward of the student and forward of the teacher (fp32)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    student, teacher = (m.to(device) for m in networks(s))
+    step = LeverStep(student, teacher, ema_parameter_lists(teacher, student), s.out_dim,
+                     Levers(sdpa=True, dino_loss=True), device)
+    with FlopCounterMode(display=False) as fc:
+        loss, _ = step.loss(crops)
+        loss.backward()
+    return float(fc.get_total_flops())
+
+
+def time_steps(step: Callable, crops: list[torch.Tensor], device: torch.device,
+               warmup: int, steps: int) -> float:
+    """Seconds per step: the best of three timed windows (others' load only slows a window)."""
+    for _ in range(warmup):
+        step(crops)
+    sync(device)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step(crops)
+        sync(device)
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best
+
+
+def build_variant(name: str, levers: Levers | None, s: Setting, template: tuple,
+                  device: torch.device) -> Callable:
+    student, teacher = (copy.deepcopy(m).to(device) for m in template)
+    if levers is None:
+        return ProjectStep(student, teacher, s.out_dim, device, name.endswith("compile"))
+    if device.type != "cuda" and levers.bf16:
+        levers = replace(levers, bf16=False)  # CPU rungs stay fp32, like the CPU default
+    return LeverStep(student, teacher, ema_parameter_lists(teacher, student), s.out_dim,
+                     levers, device)
+
+
+def run_ladder(args, s: Setting, device: torch.device) -> dict[int, float]:
+    """Every variant at every batch size; returns the fastest project rate per batch."""
+    template = networks(s)
+    variants: list[tuple[str, Levers | None]] = [
+        (n, lv) for n, lv in LADDER if device.type == "cuda" or n != "+bf16"]
+    variants.append(("dino_core", None))
+    if args.compile:
+        variants.append(("dino_core+compile", None))
+    if args.variants:
+        variants = [v for v in variants if v[0] in args.variants.split(",")]
+    best: dict[int, float] = {}
+    for batch in args.batch:
+        crops = synthetic_crops(s, batch, device)
+        flops = count_flops(s, crops, device)
+        base = None
+        for name, levers in variants:
+            try:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                step = build_variant(name, levers, s, template, device)
+                warmup = args.warmup + (10 if name.endswith("compile") else 0)
+                sec = time_steps(step, crops, device, warmup, args.steps)
+                del step
+            except Exception as err:  # keep measuring the other variants
+                emit({"bench": "step", "variant": name, "batch": batch, "error": repr(err)[:300]})
+                continue
+            ips = batch / sec
+            base = base or ips
+            if name.startswith("dino_core"):
+                best[batch] = max(best.get(batch, 0.0), ips)
+            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            emit({"bench": "step", "setting": args.setting, "device": device_name(device),
+                  "variant": name, "batch": batch, "img_per_s": round(ips, 1),
+                  "step_ms": round(sec * 1e3, 2), "peak_mem_gib": mem and round(mem, 2),
+                  "tflops": round(flops / sec / 1e12, 2), "ratio": round(ips / base, 3)})
+    return best
+
+
+def loss_and_grads(step: LeverStep | ProjectStep,
+                   crops: list[torch.Tensor]) -> tuple[float, torch.Tensor]:
+    step.student.zero_grad(set_to_none=True)
+    loss, _ = step.loss(crops)
+    loss.backward()
+    grads = [p.grad.float().flatten() for p in step.student.parameters() if p.grad is not None]
+    return float(loss.detach()), torch.cat(grads)
+
+
+def run_checks(args, s: Setting, device: torch.device) -> None:
+    """fp32 reference math vs. ours; fast path vs. plain fp32 path."""
+    template = networks(s, drop_path=0.0)
+    crops = synthetic_crops(s, min(args.batch), device)
+
+    def fresh(levers: Levers) -> LeverStep:
+        st, te = (copy.deepcopy(m).to(device) for m in template)
+        return LeverStep(st, te, ema_parameter_lists(te, st), s.out_dim, levers, device)
+
+    def compare(name: str, a: tuple[float, torch.Tensor], b: tuple[float, torch.Tensor],
+                loss_tol: float, grad_tol: float) -> None:
+        loss_rel = abs(a[0] - b[0]) / abs(b[0])
+        grad_rel = float((a[1] - b[1]).norm() / b[1].norm())
+        emit({"check": name, "device": device_name(device), "loss": [a[0], b[0]],
+              "loss_rel_diff": loss_rel, "grad_rel_err": grad_rel,
+              "ok": loss_rel <= loss_tol and grad_rel <= grad_tol,
+              "tolerance": {"loss": loss_tol, "grad": grad_tol}})
+
+    fp32 = Levers(fused_adamw=True, foreach=True)
+    ref32 = fresh(replace(fp32, bf16=False))
+    ref32.amp_dtype, ref32.scaler = None, None  # the reference math in fp32
+    plain = loss_and_grads(ref32, crops)
+    ours32 = fresh(Levers(sdpa=True, dino_loss=True))
+    ours32.amp_dtype, ours32.scaler = None, None
+    compare("fp32_reference_vs_ours", loss_and_grads(ours32, crops), plain, 1e-3, 1e-3)
+    st, te = (copy.deepcopy(m).to(device) for m in template)
+    fast = ProjectStep(st, te, s.out_dim, device, args.compile)
+    fast.cfg = StepConfig(autocast_dtype=torch.bfloat16, defer_nonfinite_check=True)
+    compare("bf16_fast_vs_fp32_plain" + ("_compiled" if args.compile else ""),
+            loss_and_grads(fast, crops), plain, 2e-2, 1e-1)
+
+
+def run_e2e(args, s: Setting, device: torch.device, synthetic_ips: float) -> None:
+    """Encoded JPEGs -> DataLoader decode -> batched multi-crop on the device -> step."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from dino_core.augment_batched import BatchedMultiCrop, ToCanvas
+    from dino_core.data.collate import collate_multicrop
+    from dino_core.data.folder import ImageFolder
+
+    canvas = 256 if s.global_size >= 224 else 2 * s.global_size
+    root = tempfile.mkdtemp(prefix="dino-e2e-")
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for i in range(args.e2e):
+        # smooth random colour fields with noise: JPEG sizes like photos (~60-120 kB at 500 px)
+        low = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(low).resize((500, 375), Image.BICUBIC)
+        arr = np.asarray(img).astype(np.int16) + rng.integers(-20, 20, (375, 500, 3))
+        os.makedirs(f"{root}/c{i % 10}", exist_ok=True)
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(f"{root}/c{i % 10}/{i}.jpg",
+                                                                 quality=90)
+    written = time.perf_counter() - t0
+    batch = max(args.batch)
+    workers = max(1, min(16, os.cpu_count() or 1) - 1)
+    ds = ImageFolder(root, transform=ToCanvas(canvas), size_hint=canvas)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+        collate_fn=collate_multicrop, pin_memory=device.type == "cuda",
+        persistent_workers=True, prefetch_factor=4)
+    aug = BatchedMultiCrop(s.global_size, s.local_size, s.n_local)
+    gen = torch.Generator().manual_seed(0)
+    template = networks(s)
+    st, te = (copy.deepcopy(m).to(device) for m in template)
+    step = ProjectStep(st, te, s.out_dim, device, args.compile)
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    decode_only, n_seen = time.perf_counter(), 0
+    for _ in range(3):
+        n_seen += len(next(it)[0])
+    for i in range(args.warmup + args.steps * 2):
+        if i == args.warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        images = next(it)[0].to(device, non_blocking=True)
+        step(aug(images, gen))
+    sync(device)
+    ips = batch * args.steps * 2 / (time.perf_counter() - t0)
+    emit({"bench": "e2e", "setting": args.setting, "device": device_name(device),
+          "images": args.e2e, "loader_workers": workers, "batch": batch,
+          "img_per_s": round(ips, 1), "synthetic_img_per_s": round(synthetic_ips, 1),
+          "ratio_vs_synthetic": round(ips / synthetic_ips, 3),
+          "jpeg_write_s": round(written, 1), "first_batches_s": round(t0 - decode_only, 1)})
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="small")
+    p.add_argument("--batch", type=int, nargs="+", default=[64])
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window (3 windows)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="add torch.compile'd backbones")
+    p.add_argument("--check", action="store_true", help="numerics of the fast path")
+    p.add_argument("--e2e", type=int, default=0, help="JPEGs for the end-to-end rate")
+    p.add_argument("--variants", default="", help="comma-separated subset of the variants")
+    p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    s = SETTINGS[args.setting]
+    emit({"bench": "config", "setting": args.setting, **asdict(s), "batch": args.batch,
+          "device": device_name(device), "torch": torch.__version__})
+    if args.check:
+        run_checks(args, s, device)
+    best = run_ladder(args, s, device)
+    if args.e2e and max(args.batch) in best:
+        run_e2e(args, s, device, best[max(args.batch)])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Faults injected into real training runs: a NaN loss, a killed Ray Train worker, a killed
+driver. Each run is a real ``dino train`` on a local Ray instance of its own."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from test_reliability_input import ray_tmp  # noqa: F401 - the fixture
+from test_service_train import TINY
+
+from service import checkpoint as ckpt
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[1]
+QUIET = [*TINY, "tracking.enabled=false", "data.num_workers=0"]
+
+
+def train_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", "train", *QUIET, *overrides]
+
+
+def env_for(ray_dir: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_dir), **extra}
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+
+
+def final_state(run_dir: Path) -> dict:
+    latest = ckpt.load_latest_valid([str(p) for p in checkpoints(run_dir)])
+    assert latest is not None, f"no valid checkpoint in {run_dir}"
+    return latest[1]
+
+
+def all_finite(state: dict) -> bool:
+    return all(torch.isfinite(v).all() for part in ("student", "teacher")
+               for v in state[part].values() if v.is_floating_point())
+
+
+# ---------------------------------------------------------------------------- NaN / inf
+
+
+@pytest.mark.parametrize("defer", ["off", "on"])
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, ray_tmp, defer  # noqa: F811
+):
+    """NaN crops at global step 11 (epoch 2 of 8-step epochs): the run stops naming step 11
+    and the epoch-1 checkpoint (step 8) is the latest, complete and finite. ``defer=on`` is
+    the GPU default (no host sync per step; the bad step is a no-op on the device)."""
+    out = subprocess.run(
+        train_cmd(f"storage.root={tmp_path}", "run_name=nan", "train.epochs=3",
+                  f"train.defer_nonfinite_check={defer}"),
+        cwd=REPO, env=env_for(ray_tmp, DINO_FAULT_NONFINITE_STEPS="11"),
+        capture_output=True, text=True, timeout=400)  # fmt: skip
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text[-3000:]
+    assert "non-finite DINO loss nan at global step 11" in text, text[-3000:]
+    assert "step 24/24" not in out.stdout
+    cks = checkpoints(tmp_path / "nan")
+    assert len(cks) == 1, cks
+    ckpt.verify(str(cks[0]))
+    state = final_state(tmp_path / "nan")
+    assert (state["epoch"], state["global_step"]) == (1, 8)
+    assert all_finite(state)
+
+
+def test_isolated_nan_steps_are_skipped_and_counted(tmp_path, ray_tmp):  # noqa: F811
+    out = subprocess.run(
+        train_cmd(f"storage.root={tmp_path}", "run_name=skip", "train.epochs=2",
+                  "train.on_nonfinite=skip", "train.max_skipped_steps=3",
+                  "train.defer_nonfinite_check=on"),
+        cwd=REPO, env=env_for(ray_tmp, DINO_FAULT_NONFINITE_STEPS="3,11"),
+        capture_output=True, text=True, timeout=400)  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "non-finite loss at step 3: step skipped (1 so far" in out.stdout
+    assert "non-finite loss at step 11: step skipped (2 so far" in out.stdout
+    state = final_state(tmp_path / "skip")
+    assert (state["global_step"], state["skipped_steps"]) == (16, 2)
+    assert all_finite(state)
+
+
+# ---------------------------------------------------------------------------- killed processes
+
+
+def _read_until(proc: subprocess.Popen, pattern: str, lines: list[str], timeout: float) -> re.Match:
+    """Reads the run's output line by line until ``pattern`` matches one."""
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"run ended before {pattern!r}:\n{''.join(lines[-40:])}")
+        lines.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise AssertionError(f"no {pattern!r} within {timeout} s:\n{''.join(lines[-40:])}")
+
+
+def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
+    tmp_path, ray_tmp  # noqa: F811
+):
+    """SIGKILL to the Ray Train worker process after the first checkpoint: Ray's
+    FailureConfig restarts the worker group, which restores the checkpoint and finishes;
+    the step counter continues and every checkpoint in storage is complete."""
+    proc = _start(train_cmd(f"storage.root={tmp_path}", "run_name=wk", "train.epochs=12",
+                            "ray.max_failures=1"), env_for(ray_tmp))
+    lines: list[str] = []
+    try:
+        pid = int(_read_until(proc, r"worker rank 0/1 pid (\d+)", lines, 240).group(1))
+        _read_until(proc, r"checkpoint saved at epoch 1 step 8", lines, 240)
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        m = _read_until(proc, r"resumed from (\S+) at epoch (\d+) step (\d+)", lines, 240)
+        recovered_s = time.monotonic() - killed_at
+        new_pid = int(_read_until(proc, r"worker rank 0/1 pid (\d+)", lines, 60).group(1))
+        rest, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text[-3000:]
+    assert new_pid != pid
+    epoch, step = int(m.group(2)), int(m.group(3))
+    assert step == 8 * epoch and step >= 8
+    # the first progress line after the restore continues the step counter
+    after = text[text.index("resumed from"):]
+    assert re.search(rf"step {step + 1}/96 ", after), after[:2000]
+    assert "step 96/96" in after
+    for c in checkpoints(tmp_path / "wk"):
+        ckpt.verify(str(c))
+    assert final_state(tmp_path / "wk")["global_step"] == 96
+    print(f"worker {pid} killed; restored at step {step} in {recovered_s:.1f} s")
+
+
+def test_killed_driver_then_the_same_command_resumes(tmp_path, ray_tmp):  # noqa: F811
+    """The whole job preempted: driver, local Ray and workers killed together (SIGKILL to
+    the process group) after the first checkpoint; re-running the command resumes."""
+    cmd = train_cmd(f"storage.root={tmp_path}", "run_name=pre", "train.epochs=6")
+    proc = _start(cmd, env_for(ray_tmp))
+    lines: list[str] = []
+    try:
+        _read_until(proc, r"checkpoint saved at epoch 1 step 8", lines, 240)
+    finally:
+        group = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in group:  # Ray's own daemons may have left the process group
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=30)
+    saved = [c for c in checkpoints(tmp_path / "pre") if (c / ckpt.MANIFEST).exists()]
+    assert saved, "the first checkpoint should be in storage before the kill"
+
+    again = subprocess.run(cmd, cwd=REPO, env=env_for(ray_tmp), capture_output=True,
+                           text=True, timeout=400)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    m = re.search(r"resumed from (\S+) at epoch (\d+) step (\d+)", again.stdout)
+    assert m, again.stdout[-2000:]
+    assert int(m.group(3)) >= 8 and "step 48/48" in again.stdout
+    assert final_state(tmp_path / "pre")["global_step"] == 48

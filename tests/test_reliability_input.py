@@ -1,0 +1,439 @@
+"""Faults at the input boundary, really injected: unreadable and odd image files, secrets in
+the environment, and concurrent drivers on one storage root. (Bad configs are in
+test_config.py, next to the other validation tests.)"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+from test_service_train import TINY, dino
+
+from dino_core.augment import eval_transform
+from dino_core.data.collate import collate_multicrop
+from dino_core.data.folder import ImageFolder, load_rgb
+from service import data, runlock
+from service.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------------------- the messy folder
+
+RED, BLUE = (220, 20, 20), (20, 20, 220)
+# files that no decoder can read: skipped, counted once each, named in the log
+UNREADABLE = ["a/empty.jpg", "a/empty.png", "a/html.jpg", "a/truncated.jpg", "a/truncated.png"]
+# odd but valid: each must come out as 8-bit RGB
+ODD = [
+    "a/cmyk.jpg", "a/exif6.jpg", "a/gray.jpg", "a/gray.png", "a/gray16.png", "a/huge.jpg",
+    "a/palette.png", "a/palette_alpha.png", "a/rgba.png", "a/tiny.jpg", "a/tiny.png",
+]  # fmt: skip
+N_PLAIN = 16  # b/plain_XX.jpg: 16 + 11 + 5 = 32 files, two global batches of 16
+
+
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_messy_folder(root: Path) -> Path:
+    """An ImageFolder tree (class/file) of plain, odd-but-valid and unreadable images."""
+    a, b = root / "a", root / "b"
+    a.mkdir(parents=True)
+    b.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(N_PLAIN):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(
+            b / f"plain_{i:02d}.jpg"
+        )
+    noise = Image.fromarray(rng.integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    jpeg, png = _encoded(noise, "JPEG"), _encoded(noise, "PNG")
+    (a / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # an interrupted download
+    (a / "truncated.png").write_bytes(png[: len(png) // 2])
+    (a / "empty.jpg").write_bytes(b"")
+    (a / "empty.png").write_bytes(b"")
+    (a / "html.jpg").write_text("<html><body>404 Not Found</body></html>")
+
+    Image.new("CMYK", (16, 16), (0, 255, 0, 0)).save(a / "cmyk.jpg")  # magenta ink
+    sideways = Image.new("RGB", (40, 20), RED)  # stored 40x20, displayed 20x40
+    sideways.paste(BLUE, (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    sideways.save(a / "exif6.jpg", exif=exif.tobytes(), quality=95)
+    Image.new("L", (12, 8), 77).save(a / "gray.jpg")
+    Image.new("L", (12, 8), 77).save(a / "gray.png")
+    Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16)).save(a / "gray16.png")
+    Image.new("RGB", (6000, 4000), (30, 60, 90)).save(a / "huge.jpg", quality=50)  # ~0.4 MB
+    palette = Image.new("P", (4, 2), 0)
+    palette.putpalette([*RED, *BLUE] + [0] * 762)
+    palette.paste(1, (2, 0, 4, 2))  # left half index 0 (red), right half index 1 (blue)
+    palette.save(a / "palette.png")
+    palette.save(a / "palette_alpha.png", transparency=0)  # red is the transparent index
+    rgba = Image.new("RGBA", (6, 6), (*BLUE, 255))
+    rgba.paste((*RED, 0), (0, 0, 3, 6))  # left half fully transparent
+    rgba.save(a / "rgba.png")
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(a / "tiny.png")
+    Image.new("RGB", (1, 1), (200, 100, 50)).save(a / "tiny.jpg", quality=100)
+    return root
+
+
+@pytest.fixture(scope="module")
+def messy_folder(tmp_path_factory) -> Path:
+    return write_messy_folder(tmp_path_factory.mktemp("messy") / "images")
+
+
+def _mean(image: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
+    return np.asarray(image.crop(box), dtype=np.float64).reshape(-1, 3).mean(0)
+
+
+def test_odd_images_become_rgb_and_unreadable_ones_are_skipped(messy_folder, caplog):
+    ds = ImageFolder(messy_folder)  # no size hint: every image at full size
+    assert ds.classes == ["a", "b"] and len(ds) == N_PLAIN + len(ODD) + len(UNREADABLE)
+    with caplog.at_level(logging.WARNING, logger="dino_core.data.folder"):
+        items = {Path(p).relative_to(messy_folder).as_posix(): ds[i]
+                 for i, (p, _) in enumerate(ds.samples)}  # fmt: skip
+    assert sorted(k for k, v in items.items() if v is None) == UNREADABLE
+    assert ds.num_skipped == len(UNREADABLE)
+    warned = re.findall(r"skipping unreadable image (\S+):", caplog.text)
+    assert sorted(warned) == sorted(str(messy_folder / name) for name in UNREADABLE)
+    for name, item in items.items():
+        if item is not None:
+            image, label = item
+            assert image.mode == "RGB", name
+            assert label == (0 if name.startswith("a/") else 1), name
+    print(
+        f"{len(items)} files: {ds.num_skipped} skipped, counted and logged by path; "
+        f"{len(ODD)} odd ones converted to RGB"
+    )
+
+    def image(name: str) -> Image.Image:
+        return items[name][0]
+
+    upright = image("a/exif6.jpg")
+    assert upright.size == (20, 40)  # EXIF orientation 6 applied
+    top, bottom = _mean(upright, (2, 2, 18, 18)), _mean(upright, (2, 22, 18, 38))
+    assert top[0] > 180 > top[2] and bottom[2] > 180 > bottom[0]  # left half went to the top
+    np.testing.assert_allclose(_mean(image("a/cmyk.jpg"), (0, 0, 16, 16)), [255, 0, 255], atol=3)
+    for name in ("a/gray.jpg", "a/gray.png"):
+        np.testing.assert_allclose(np.asarray(image(name)), 77, atol=1)
+    np.testing.assert_array_equal(np.asarray(image("a/gray16.png"))[0, :, 0], [0, 100, 255])
+    np.testing.assert_array_equal(np.asarray(image("a/palette.png"))[0, [0, 3]], [RED, BLUE])
+    np.testing.assert_array_equal(np.asarray(image("a/palette_alpha.png"))[0, [0, 3]],
+                                  [(0, 0, 0), BLUE])  # transparent -> black  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(image("a/rgba.png"))[0, [0, 5]], [(0, 0, 0), BLUE])
+    assert image("a/tiny.png").size == image("a/tiny.jpg").size == (1, 1)
+    assert image("a/huge.jpg").size == (6000, 4000)
+
+
+def test_skips_are_counted_across_loader_processes(messy_folder):
+    """Two DataLoader worker processes, each with its own copy of the dataset: the count
+    travels back with the batches."""
+    ds = ImageFolder(messy_folder, transform=eval_transform(size=16), size_hint=18)
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2,
+                                         collate_fn=collate_multicrop)  # fmt: skip
+    kept = skipped = 0
+    for images, labels, n_skipped in loader:
+        kept, skipped = kept + labels.numel(), skipped + n_skipped
+        assert images.shape == (labels.numel(), 3, 16, 16)
+    assert (kept, skipped) == (N_PLAIN + len(ODD), len(UNREADABLE))
+    assert ds.num_skipped == 0  # this process's copy decoded nothing: counts must not live here
+
+
+@pytest.mark.parametrize("backend", ["batched", "per_image"])
+def test_service_training_dataset_decodes_big_jpegs_small(messy_folder, backend):
+    cfg = load_config(None, None, [*TINY, f"data.path={messy_folder}", f"aug.backend={backend}"])
+    ds = data.train_dataset(cfg)
+    hint = data.decode_size_hint(cfg)
+    # batched: the canvas, round(16 * 8 / 7); per-image: 8 px local crops at scale 0.05 and
+    # aspect 3/4 need 8 / sqrt(0.05 * 3 / 4) = 41.3 px
+    assert ds.size_hint == hint == (18 if backend == "batched" else 42)
+    assert load_rgb(messy_folder / "a" / "huge.jpg", hint).size == (750, 500)  # 1/8 scale
+    for i, (path, _) in enumerate(ds.samples):
+        item = ds[i]
+        assert (item is None) == (Path(path).relative_to(messy_folder).as_posix() in UNREADABLE)
+        if item is None:
+            continue
+        if backend == "batched":
+            assert item[0].shape == (3, 18, 18) and item[0].dtype == torch.uint8, path
+        else:
+            assert [tuple(v.shape) for v in item[0]] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 2, path
+    # the paper's crops: 96 px local crops at scale 0.05 need a 496 px shorter side
+    paper = load_config(None, None, ["aug.backend=per_image"])
+    assert data.decode_size_hint(paper) == 496
+
+
+# ---------------------------------------------------------------------------- local Ray helpers
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """A short RAY_TMPDIR of this test's own (socket paths must stay under 108 characters);
+    afterwards, any process still running from it is killed by pid."""
+    path = Path(tempfile.mkdtemp(prefix="dino-rt-"))
+    try:
+        yield path
+    finally:
+        leftover = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(str(path) in arg for arg in p.info["cmdline"] or []):
+                leftover.append(p)
+        for p in leftover:
+            p.kill()
+        psutil.wait_procs(leftover, timeout=10)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _text(out: subprocess.CompletedProcess) -> str:
+    return out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------- bad data, end to end
+
+
+@pytest.mark.integration
+def test_train_on_a_messy_folder_counts_and_names_skipped_files(messy_folder, tmp_path, ray_tmp):
+    """One epoch of two steps sees every file once; decoding happens in a DataLoader worker
+    process inside the Ray worker."""
+    root = tmp_path / "runs"
+    t0 = time.monotonic()
+    out = dino("train", *TINY, f"data.path={messy_folder}", f"storage.root={root}",
+               "train.epochs=1", "data.num_workers=1", "run_name=messy",
+               env={"RAY_TMPDIR": str(ray_tmp)})  # fmt: skip
+    print(f"dino train on the messy folder: {time.monotonic() - t0:.1f} s")
+    assert "step 2/2" in out.stdout
+    assert f"[dino] skipped {len(UNREADABLE)} unreadable images" in out.stdout, out.stdout
+    named = set(re.findall(r"skipping unreadable image (\S+):", _text(out)))
+    assert named == {str(messy_folder / name) for name in UNREADABLE}, named
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("dino").experiment_id],
+                             "tags.`dino.run_name` = 'messy'")[0]  # fmt: skip
+    history = client.get_metric_history(run.info.run_id, "skipped_images")
+    assert max(m.value for m in history) == len(UNREADABLE)
+
+
+def _all_unreadable_batch_seed(n: int, bad: set[int], batch: int) -> int:
+    for seed in range(20):
+        order = list(data.ShardSampler(n, 0, 1, seed, 0))
+        if any(bad >= set(order[i : i + batch]) for i in range(0, n, batch)):
+            return seed
+    raise AssertionError("no seed gives an all-unreadable batch")
+
+
+@pytest.mark.integration
+def test_a_batch_of_only_unreadable_files_does_not_kill_the_run(tmp_path, ray_tmp):
+    root = tmp_path / "images"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    for i in range(8):
+        (root / "a" / f"empty_{i}.jpg").write_bytes(b"")
+        Image.new("RGB", (24, 24), (10 * i, 0, 0)).save(root / "b" / f"ok_{i}.png")
+    seed = _all_unreadable_batch_seed(16, set(range(8)), 4)  # a/ sorts first: indices 0-7
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", *TINY, f"data.path={root}",
+         f"storage.root={tmp_path / 'runs'}", "train.batch_size=4", "train.epochs=1",
+         f"train.seed={seed}", "tracking.enabled=false", "run_name=allbad"], cwd=REPO,
+        env={**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)},
+        capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "[dino] skipped 8 unreadable images" in out.stdout
+
+
+# ---------------------------------------------------------------------------- secrets
+
+
+def _files(directory: Path) -> Iterator[Path]:
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            yield path
+
+
+@pytest.mark.integration
+def test_planted_secrets_appear_in_no_output_log_param_or_stored_file(
+    s3_server, mlflow_server, tmp_path, ray_tmp
+):
+    import s3fs
+    from mlflow.tracking import MlflowClient
+
+    planted = {
+        "AWS_SECRET_ACCESS_KEY": f"aws-{secrets.token_hex(12)}",  # moto accepts any secret
+        "MLFLOW_TRACKING_TOKEN": f"mlt-{secrets.token_hex(12)}",
+        "MLFLOW_TRACKING_USERNAME": "dino-user",
+        "MLFLOW_TRACKING_PASSWORD": f"mlp-{secrets.token_hex(12)}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),  # the local cluster's token
+    }
+    values = [v for k, v in planted.items() if k.endswith(("KEY", "TOKEN", "PASSWORD"))]
+    # also as they would travel in headers (Bearer as is, Basic base64-encoded)
+    basic = f"{planted['MLFLOW_TRACKING_USERNAME']}:{planted['MLFLOW_TRACKING_PASSWORD']}"
+    needles = [*values, base64.b64encode(basic.encode()).decode()]
+    needles += [base64.b64encode(v.encode()).decode() for v in values]
+
+    def leaks(blob: str | bytes) -> list[str]:
+        text = blob.decode("latin-1") if isinstance(blob, bytes) else blob
+        return [n for n in needles if n in text]
+
+    bucket = s3_server.new_bucket("secrets")
+    env = {**os.environ, **planted, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)  # set for the session by the ray_head fixture
+    out = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", *TINY, "run_name=secretive",
+         f"storage.root=s3://{bucket}/runs", f"tracking.uri={mlflow_server.tracking_uri}",
+         "train.epochs=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    found: dict[str, list[str]] = {}
+    found["stdout/stderr"] = leaks(_text(out))
+
+    sessions = list(ray_tmp.glob("ray/session_2*"))
+    assert len(sessions) == 1, sessions  # the run's own local Ray, in our temp dir
+    ray_files = list(_files(ray_tmp))
+    assert any(p.suffix in (".log", ".out", ".err") for p in ray_files)
+    for path in ray_files:
+        if hit := leaks(path.read_bytes()):
+            found[str(path.relative_to(ray_tmp))] = hit
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    stored = fs.find(f"{bucket}/runs/secretive")
+    assert any(p.endswith("config.yaml") for p in stored) and any("manifest" in p for p in stored)
+    config = fs.cat_file(next(p for p in stored if p.endswith("config.yaml"))).decode()
+    assert f"root: s3://{bucket}/runs" in config  # the search reads what it should
+    for key in stored:
+        if hit := leaks(fs.cat_file(key)):
+            found[f"s3://{key}"] = hit
+
+    client = MlflowClient(mlflow_server.tracking_uri)
+    experiment = client.get_experiment_by_name("dino").experiment_id
+    (run,) = client.search_runs([experiment], "tags.`dino.run_name` = 'secretive'")
+    assert run.data.params["storage.root"] == f"s3://{bucket}/runs"
+    found["mlflow params"] = leaks(repr(run.data.params))
+    found["mlflow tags"] = leaks(repr(run.data.tags))
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    artifacts = list(_files(local))
+    assert artifacts  # at least the exported backbone
+    for path in artifacts:
+        if hit := leaks(path.read_bytes()):
+            found[f"mlflow artifact {path.name}"] = hit
+    for service in (mlflow_server, s3_server.service):  # the servers' own logs
+        found[f"{service.name} server log"] = leaks(Path(service.log_file).read_bytes())
+
+    found = {where: hit for where, hit in found.items() if hit}
+    print(
+        f"searched stdout/stderr, {len(ray_files)} Ray session files, {len(stored)} stored "
+        f"objects, MLflow params/tags, {len(artifacts)} artifacts, 2 server logs"
+    )
+    assert not found, f"planted secrets leaked: {found}"
+
+
+# ---------------------------------------------------------------------------- concurrency
+
+
+def test_run_lock_refuses_a_second_driver_and_dies_with_its_holder(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from service import runlock\n"
+         "with runlock.hold(sys.argv[1], 'r'):\n print('held', flush=True); time.sleep(600)",
+         str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(runlock.RunInUseError, match=rf"run 'r' is being trained right now "
+                           rf"by pid {holder.pid} on "):  # fmt: skip
+            with runlock.hold(str(tmp_path), "r"):
+                pass
+        with runlock.hold(str(tmp_path), "other"):  # other names are free
+            pass
+    finally:
+        holder.send_signal(signal.SIGKILL)  # a crashed driver: no cleanup code runs
+        holder.wait()
+    with runlock.hold(str(tmp_path), "r") as lock:  # the kernel released it
+        assert lock is not None and f"pid {os.getpid()} " in lock.read_text()
+
+
+def _start(args: list[str], ray_tmp: Path) -> subprocess.Popen:
+    ray_tmp.mkdir()
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "train", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint_2*"))
+
+
+def _snapshot_names(run_dir: Path) -> set[str]:
+    import json
+
+    snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    return {r["checkpoint_dir_name"] for r in snapshot["checkpoint_results"]}
+
+
+@pytest.mark.integration
+def test_concurrent_drivers_on_one_storage_root_never_share_a_run_directory(tmp_path, ray_tmp):
+    """Four `dino train` at once on one storage root, each with its own local Ray: two without
+    a run name, two with the same one. Tracking is off: two first runs on a fresh default
+    sqlite store race on creating its tables (see the report of issue 8)."""
+    root = tmp_path / "runs"
+    common = [*TINY, f"storage.root={root}", "train.epochs=1", "tracking.enabled=false"]
+    t0 = time.monotonic()
+    procs = {
+        "unnamed1": _start(common, ray_tmp / "u1"),
+        "unnamed2": _start(common, ray_tmp / "u2"),
+        "shared1": _start([*common, "run_name=shared"], ray_tmp / "s1"),
+        "shared2": _start([*common, "run_name=shared"], ray_tmp / "s2"),
+    }
+    outs = {}
+    for name, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=400)
+        outs[name] = (proc.returncode, stdout, stderr)
+    print(f"four concurrent drivers: {time.monotonic() - t0:.1f} s")
+
+    # no run name: each driver picks a fresh one and keeps to its own directory
+    names = []
+    for key in ("unnamed1", "unnamed2"):
+        rc, stdout, stderr = outs[key]
+        assert rc == 0, stdout[-3000:] + stderr[-3000:]
+        names.append(re.search(r"\[dino\] run '([^']+)'", stdout).group(1))
+    assert len(set(names)) == 2 and all(re.fullmatch(r"dino-\d{8}-\d{6}-[0-9a-f]{6}", n)
+                                        for n in names)  # fmt: skip
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted([*names, "shared"])
+    for name in [*names, "shared"]:
+        ckpts = _checkpoints(root / name)
+        assert len(ckpts) == 1, (name, ckpts)  # one epoch: one checkpoint, and no other's
+        assert _snapshot_names(root / name) == {ckpts[0].name}
+        config = (ckpts[0] / "config.yaml").read_text()
+        assert f"run_name: {name}\n" in config and (ckpts[0] / "manifest.json").is_file()
+
+    # the same name: one trains, the other refuses at once, naming it, before starting Ray
+    codes = sorted((outs[k][0], k) for k in ("shared1", "shared2"))
+    (winner_rc, winner), (loser_rc, loser) = codes
+    assert (winner_rc, loser_rc) == (0, 1), outs
+    message = outs[loser][2]
+    assert f"run 'shared' is being trained right now by pid {procs[winner].pid} on " in message
+    assert "another run_name=" in message
+    assert not (ray_tmp / ("s1" if loser == "shared1" else "s2") / "ray").exists()
