@@ -153,13 +153,14 @@ def count_flops(s: Setting, crops: list[torch.Tensor], device: torch.device) -> 
 
 
 def time_steps(step: Callable, crops: list[torch.Tensor], device: torch.device,
-               warmup: int, steps: int) -> float:
-    """Seconds per step: the best of three timed windows (others' load only slows a window)."""
+               warmup: int, steps: int, windows: int = 3) -> float:
+    """Seconds per step: the best of ``windows`` timed windows (others' load only slows a
+    window)."""
     for _ in range(warmup):
         step(crops)
     sync(device)
     best = float("inf")
-    for _ in range(3):
+    for _ in range(windows):
         t0 = time.perf_counter()
         for _ in range(steps):
             step(crops)
@@ -180,7 +181,12 @@ def build_variant(name: str, levers: Levers | None, s: Setting, template: tuple,
 
 
 def run_ladder(args, s: Setting, device: torch.device) -> dict[int, float]:
-    """Every variant at every batch size; returns the fastest project rate per batch."""
+    """Every variant at every batch size; returns the fastest project rate per batch.
+
+    On a GPU the variants run one after another (each alone, so its peak memory is its own).
+    On a CPU, where other processes share the cores, they take turns window by window, so a
+    busy moment slows every variant alike instead of whichever happened to be running.
+    """
     template = networks(s)
     variants: list[tuple[str, Levers | None]] = [
         (n, lv) for n, lv in LADDER if device.type == "cuda" or n != "+bf16"]
@@ -193,28 +199,42 @@ def run_ladder(args, s: Setting, device: torch.device) -> dict[int, float]:
     for batch in args.batch:
         crops = synthetic_crops(s, batch, device)
         flops = count_flops(s, crops, device)
-        base = None
-        for name, levers in variants:
-            try:
-                if device.type == "cuda":
+        seconds: dict[str, float] = {}
+        memory: dict[str, float | None] = {}
+        if device.type == "cuda":
+            for name, levers in variants:
+                try:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                step = build_variant(name, levers, s, template, device)
+                    step = build_variant(name, levers, s, template, device)
+                    warmup = args.warmup + (10 if name.endswith("compile") else 0)
+                    seconds[name] = time_steps(step, crops, device, warmup, args.steps)
+                    memory[name] = torch.cuda.max_memory_allocated() / 2**30
+                    del step
+                except Exception as err:  # keep measuring the other variants
+                    emit({"bench": "step", "variant": name, "batch": batch,
+                          "error": repr(err)[:300]})
+        else:
+            steps = {name: build_variant(name, levers, s, template, device)
+                     for name, levers in variants}
+            for name, step in steps.items():
                 warmup = args.warmup + (10 if name.endswith("compile") else 0)
-                sec = time_steps(step, crops, device, warmup, args.steps)
-                del step
-            except Exception as err:  # keep measuring the other variants
-                emit({"bench": "step", "variant": name, "batch": batch, "error": repr(err)[:300]})
-                continue
+                time_steps(step, crops, device, warmup, 1, windows=1)
+            for _ in range(3):
+                for name, step in steps.items():
+                    sec = time_steps(step, crops, device, 0, args.steps, windows=1)
+                    seconds[name] = min(seconds.get(name, float("inf")), sec)
+        base = seconds.get(variants[0][0])
+        for name, sec in seconds.items():
             ips = batch / sec
-            base = base or ips
             if name.startswith("dino_core"):
                 best[batch] = max(best.get(batch, 0.0), ips)
-            mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+            mem = memory.get(name)
             emit({"bench": "step", "setting": args.setting, "device": device_name(device),
                   "variant": name, "batch": batch, "img_per_s": round(ips, 1),
                   "step_ms": round(sec * 1e3, 2), "peak_mem_gib": mem and round(mem, 2),
-                  "tflops": round(flops / sec / 1e12, 2), "ratio": round(ips / base, 3)})
+                  "tflops": round(flops / sec / 1e12, 2),
+                  "ratio": round(base / sec, 3) if base else None})
     return best
 
 
