@@ -102,3 +102,19 @@ def load_latest_valid(
 def checkpoint_dirs(run_url: str) -> list[str]:
     """``checkpoint_*`` directories of a Ray Train run, oldest first (names sort by time)."""
     return [u for u in storage.list_dirs(run_url) if u.rstrip("/").split("/")[-1].startswith("checkpoint_")]
+
+
+def kept_locally(storage_url: str) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Checkpoint directories under ``storage_url`` that never reached storage and are kept in
+    this machine's spool (see ``service.storage``), each with its manifest (None if the copy is
+    incomplete), oldest first."""
+    _, path = storage.get_fs(storage_url)
+    base = storage.spool_dir() / "kept" / path.lstrip("/")
+    out: list[tuple[Path, dict[str, Any] | None]] = []
+    for d in sorted(p.parent for p in base.rglob("*") if p.is_file()) if base.is_dir() else []:
+        if d.name.startswith("checkpoint_") and all(d != o for o, _ in out):
+            try:
+                out.append((d, verify(d)))
+            except (CheckpointError, OSError, ValueError):
+                out.append((d, None))
+    return out

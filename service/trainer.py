@@ -10,6 +10,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from service import checkpoint as ckpt
 from service import storage
 from service.config import DinoConfig, flatten, resolve_paths
 from service.jobs import job_env
@@ -60,14 +61,14 @@ def tracking_for(cfg: DinoConfig) -> tuple[str | None, str | None]:
 def storage_kwargs(root: str) -> dict[str, Any]:
     """RunConfig storage arguments. Remote URLs go through the same fsspec filesystem as the
     rest of the service (s3fs honours AWS_ENDPOINT_URL and the AWS variables), wrapped for
-    pyarrow; pyarrow's own S3 client failed multipart uploads against S3-compatible servers."""
+    pyarrow (pyarrow's own S3 client failed multipart uploads against S3-compatible servers)
+    by a handler that rides out storage outages: Ray's checkpoint uploads, its snapshot writes
+    and restores are retried for up to ``DINO_STORAGE_RETRY_SECONDS``, and a checkpoint that
+    never got through is kept on local disk (``service.storage.RetryingFSHandler``)."""
     if storage.is_local(root):
         return {"storage_path": root.removeprefix("file://")}
-    import pyarrow.fs
-
-    fs, path = storage.get_fs(root)
-    return {"storage_path": path,
-            "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))}
+    fs, path = storage.pyarrow_fs(root)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None):
@@ -111,6 +112,24 @@ def start_tracking(cfg: DinoConfig, parent_run_id: str | None = None,
     return tracker
 
 
+def storage_failure(root: str, run_url: str, err: BaseException) -> storage.StorageError:
+    """One message for a run stopped by a storage outage: which storage, and where the
+    checkpoints that never reached it are (found here for a local Ray; on a cluster they are
+    in the same folder on rank 0's node)."""
+    kept = ckpt.kept_locally(run_url)
+    lines = [f"storage {root} stayed unreachable for longer than {storage.RETRY_SECONDS_ENV}="
+             f"{storage.retry_seconds():g} s; the run stopped."]
+    for d, manifest in kept:
+        what = (f"epoch {manifest['epoch']} step {manifest['global_step']}, complete"
+                if manifest else "incomplete")
+        lines.append(f"  not uploaded, kept on local disk: {d} ({what})")
+    if not kept:
+        lines.append(f"  checkpoints that did not get through are kept under "
+                     f"{storage.spool_dir() / 'kept'} on the node of rank 0")
+    cause = next((ln for ln in str(err).splitlines() if storage.RETRY_SECONDS_ENV in ln), "")
+    return storage.StorageError("\n".join([*lines, f"  cause: {cause.strip()[:1000]}"]))
+
+
 def train(cfg: DinoConfig) -> TrainResult:
     """Runs (or resumes) ``cfg.run_name`` to the end and returns where everything is."""
     cfg = resolve_paths(cfg)
@@ -122,9 +141,11 @@ def train(cfg: DinoConfig) -> TrainResult:
     init_ray(cfg)
     try:
         result = build_trainer(cfg, info).fit()
-    except BaseException:
+    except BaseException as err:
         if tracker:
             tracker.end("FAILED")
+        if storage.RETRY_SECONDS_ENV in str(err):  # a StorageError of a worker or Ray's controller
+            raise storage_failure(cfg.storage.root, run_url, err) from err
         raise
     if tracker:
         tracker.end("FINISHED")

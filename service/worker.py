@@ -438,8 +438,9 @@ class Worker:
             weights = backbone_state_from_checkpoint({"teacher": self.teacher.state_dict()})
             save_backbone(path, weights, backbone_meta(self.cfg))
             storage.makedirs(self.info.run_url)
-            fs, target = storage.get_fs(storage.join(self.info.run_url, "teacher_backbone.safetensors"))
-            storage.with_retries(lambda: fs.put(path, target), "backbone upload")
+            # retried through an outage; kept on local disk (and named) if storage never returns
+            storage.upload_file(path, storage.join(self.info.run_url,
+                                                   "teacher_backbone.safetensors"))
             if self.tracker:
                 self.tracker.log_artifact(path)
                 self.tracker.flush()
