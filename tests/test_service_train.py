@@ -135,6 +135,28 @@ def _center_loop(config: dict) -> None:
     ray.train.report({})
 
 
+def _kill_orphans_of(token: str, grace: float = 10.0) -> None:
+    """Ray processes this test started that outlive ``ray.shutdown()`` (a TrainController
+    actor was seen left behind, re-parented to init), found by the DINO_TEST_TOKEN value they
+    inherited, and killed by pid."""
+    import psutil
+
+    def mine() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter(["pid"]):
+            try:
+                if p.pid != os.getpid() and p.environ().get("DINO_TEST_TOKEN") == token:
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return found
+
+    _, alive = psutil.wait_procs(mine(), timeout=grace)
+    for p in alive:
+        p.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
 def test_two_worker_center_equals_one_worker_center(monkeypatch, tmp_path):
     import ray
     import ray.train
@@ -150,6 +172,8 @@ def test_two_worker_center_equals_one_worker_center(monkeypatch, tmp_path):
     # Ray workers import this module by name to run _center_loop
     here = os.path.dirname(os.path.abspath(__file__))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
+    token = os.urandom(8).hex()
+    monkeypatch.setenv("DINO_TEST_TOKEN", token)  # inherited by every process Ray starts
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         for world in (1, 2):
@@ -161,6 +185,7 @@ def test_two_worker_center_equals_one_worker_center(monkeypatch, tmp_path):
             ).fit()
     finally:
         ray.shutdown()
+        _kill_orphans_of(token)
     one = torch.load(tmp_path / "center-w1-r0.pt")
     assert one.abs().sum() > 0
     for rank in (0, 1):  # every worker of the 2-worker run holds the global-batch center
