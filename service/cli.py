@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -462,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ray folds lines that differ only in numbers across processes ("[repeated 2x across
+    # cluster]"): a restarted worker's progress lines would vanish. Read at `import ray`.
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

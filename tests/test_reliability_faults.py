@@ -29,7 +29,8 @@ def train_cmd(*overrides: str) -> list[str]:
 
 
 def env_for(ray_dir: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_dir), **extra}
+    return {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_dir), "RAY_DEDUP_LOGS": "0",
+            **extra}
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -138,10 +139,17 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
     assert new_pid != pid
     epoch, step = int(m.group(2)), int(m.group(3))
     assert step == 8 * epoch and step >= 8
-    # the first progress line after the restore continues the step counter
-    after = text[text.index("resumed from"):]
-    assert re.search(rf"step {step + 1}/96 ", after), after[:2000]
-    assert "step 96/96" in after
+    # the step counter continues from the restored step, and the restored run repeats
+    # the killed worker's losses exactly (same state, same RNG). Ray's log forwarding
+    # now and then drops the first lines a restarted worker prints (seen: 1-2 lines).
+    cut = text.index("resumed from")
+    progress = r"step (\d+)/96 loss (\S+)"
+    before = {int(s): loss for s, loss in re.findall(progress, text[:cut])}
+    after = [(int(s), loss) for s, loss in re.findall(progress, text[cut:])]
+    assert after and step < after[0][0] <= step + 2, text[cut:cut + 2000]
+    assert [s for s, _ in after] == list(range(after[0][0], 97))
+    repeated = [(s, loss) for s, loss in after if s in before and s > step]
+    assert all(before[s] == loss for s, loss in repeated), (repeated, before)
     for c in checkpoints(tmp_path / "wk"):
         ckpt.verify(str(c))
     assert final_state(tmp_path / "wk")["global_step"] == 96
