@@ -127,7 +127,7 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     res = knn_eval(args.checkpoint, args.train, args.val, image_size=args.image_size,
                    ks=args.k, temperature=args.temperature, batch_size=args.batch_size,
                    num_workers=args.num_workers, dump=args.dump_features,
-                   load=args.load_features)
+                   load=args.load_features, which=args.weights)
     if args.json:
         print(json.dumps(res))
     else:
@@ -141,6 +141,12 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
     if args.mlflow:
         return _log_eval(args, {"eval_knn_top1": res["top1"], "eval_knn_top5": res["top5"]})
     return 0
+
+
+def _weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=["teacher", "student", "random"], default="teacher",
+                   help="which backbone of the checkpoint; random: the same architecture "
+                        "untrained, the baseline to compare against")
 
 
 def _mlflow_args(p: argparse.ArgumentParser) -> None:
@@ -177,7 +183,8 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
                       epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
                       num_workers=args.num_workers, output_dir=args.output_dir,
-                      device=args.device, seed=args.seed, on_epoch_end=progress)
+                      device=args.device, seed=args.seed, on_epoch_end=progress,
+                      which=args.weights, crop_scale=args.crop_scale)
     if args.json:
         print(json.dumps(res))
     else:
@@ -202,10 +209,11 @@ def cmd_attention(args: argparse.Namespace) -> int:
     res: dict = {}
     if one_image:
         res = visualize.attention_pictures(args.checkpoint, args.out, args.image,
-                                           args.procedural_index, args.image_size, args.keep)
+                                           args.procedural_index, args.image_size, args.keep,
+                                           args.weights)
     if args.jaccard is not None:
         res["jaccard"] = visualize.jaccard_report(args.checkpoint, args.jaccard,
-                                                  args.image_size, args.keep)
+                                                  args.image_size, args.keep, args.weights)
     if args.json:
         print(json.dumps(res))
     else:
@@ -344,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="eval_command", required=True)
     p = ev.add_parser("knn", help="weighted k-NN on labeled train/val folders")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir/URL or backbone file")
+    _weights_arg(p)
     p.add_argument("--train", required=True, help="labeled train folder/URL or 'procedural'")
     p.add_argument("--val", required=True, help="labeled val folder/URL or 'procedural'")
     p.add_argument("--image-size", type=int, default=224, help="center crop side")
@@ -359,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = ev.add_parser("linear", help="linear probe on the frozen backbone (top-1/top-5)")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir/URL or backbone file")
+    _weights_arg(p)
     p.add_argument("--train", required=True, help="labeled train folder/URL or 'procedural'")
     p.add_argument("--val", required=True, help="labeled val folder/URL or 'procedural'")
     p.add_argument("--epochs", type=int, default=100, help="paper: 100")
@@ -369,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--avgpool", action="store_true",
                    help="append the mean patch token (paper: on for ViT-B)")
     p.add_argument("--image-size", type=int, default=224, help="crop side")
+    p.add_argument("--crop-scale", type=float, default=0.08, metavar="MIN",
+                   help="smallest RandomResizedCrop area of the training views (paper: 0.08; "
+                        "small images with one object keep more, e.g. 0.5)")
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
@@ -380,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("attention", help="attention heat maps, masks and PCA of a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint dir/URL or backbone file")
+    _weights_arg(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--image", metavar="FILE_OR_URL", help="image file or URL")
     src.add_argument("--procedural-index", type=int, metavar="N",

@@ -26,10 +26,21 @@ from service import checkpoint as ckpt
 from service import data, storage
 from service.config import DinoConfig
 
+WEIGHTS = ("teacher", "student", "random")
+
 
 def load_backbone(uri: str, which: str = "teacher") -> tuple[nn.Module, DinoConfig | None]:
-    """The backbone of a checkpoint directory/URL or of an exported ``.safetensors`` file."""
+    """The backbone of a checkpoint directory/URL or of an exported ``.safetensors`` file.
+
+    ``which``: the checkpoint's ``teacher`` or ``student``, or ``random``: the same
+    architecture freshly initialised (seeded by the run's ``train.seed``), the baseline a
+    pretrained backbone is judged against.
+    """
+    if which not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
     if uri.endswith(".safetensors"):
+        if which != "teacher":
+            raise ValueError(f"an exported backbone holds only its own weights, not {which!r}")
         local = uri
         if not storage.is_local(uri):
             local = str(storage.download_file(uri, Path(tempfile.mkdtemp()) / "b.safetensors"))
@@ -37,8 +48,12 @@ def load_backbone(uri: str, which: str = "teacher") -> tuple[nn.Module, DinoConf
     state = ckpt.load_checkpoint(uri)
     cfg = DinoConfig.model_validate(state["config"])
     meta = state["backbone_meta"]
-    model = build_backbone(meta["arch"], meta["patch_size"], meta["img_size"], depth=meta["depth"])
-    model.load_state_dict(backbone_state_from_checkpoint(state, which), strict=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = build_backbone(meta["arch"], meta["patch_size"], meta["img_size"],
+                               depth=meta["depth"])
+    if which != "random":
+        model.load_state_dict(backbone_state_from_checkpoint(state, which), strict=True)
     return model.eval(), cfg
 
 
@@ -66,12 +81,12 @@ def _split(path: str, image_size: int, cfg: DinoConfig | None, train: bool,
 def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int = 224,
              ks: list[int] | tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
              batch_size: int = 128, num_workers: int = 2, dump: str | None = None,
-             load: str | None = None) -> dict[str, Any]:
+             load: str | None = None, which: str = "teacher") -> dict[str, Any]:
     """Weighted k-NN of the teacher backbone's l2-normalised CLS features."""
     if load:
         feats = torch.load(load)
     else:
-        model, cfg = load_backbone(checkpoint)
+        model, cfg = load_backbone(checkpoint, which)
         feats = {}
         for name, path in (("train", train_path), ("val", val_path)):
             ds = _split(path, image_size, cfg, name == "train")
@@ -102,17 +117,20 @@ def linear_eval(checkpoint: str, train_path: str, val_path: str, image_size: int
                 n_last_blocks: int = 4, avgpool: bool = False, num_workers: int = 2,
                 output_dir: str | None = None, device: str | None = None, seed: int = 0,
                 on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-                ) -> dict[str, Any]:
+                which: str = "teacher", crop_scale: float = 0.08) -> dict[str, Any]:
     """Linear probe of the teacher backbone (``dino_core.eval.linear.train_linear``) on
     RandomResizedCrop + flip train views, scored on Resize + CenterCrop val views.
 
     ``output_dir`` (local) receives ``linear_probe.pt`` after every epoch (a rerun with the same
     directory resumes) and ``linear_results.json`` at the end.
     """
+    if not 0 < crop_scale <= 1:
+        raise ValueError(f"crop_scale must be in (0, 1], got {crop_scale}")
     if output_dir is not None and not storage.is_local(output_dir):
         raise ValueError(f"--output-dir must be a local directory, got {output_dir}")
-    model, cfg = load_backbone(checkpoint)
-    train_ds = _split(train_path, image_size, cfg, True, linear_train_transform(image_size))
+    model, cfg = load_backbone(checkpoint, which)
+    train_ds = _split(train_path, image_size, cfg, True,
+                      linear_train_transform(image_size, scale=(crop_scale, 1.0)))
     val_ds = _split(val_path, image_size, cfg, False)
     num_classes = _num_classes(train_ds, val_ds)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,6 +143,7 @@ def linear_eval(checkpoint: str, train_path: str, val_path: str, image_size: int
     if math.isnan(res["train_loss"]):  # nothing left to train: JSON has no NaN
         res["train_loss"] = None
     res.update(n_train=len(train_ds), n_last_blocks=n_last_blocks, avgpool=avgpool, lr=lr,
+               crop_scale=crop_scale,
                batch_size=batch_size, image_size=image_size)
     if out is not None:
         (out / "linear_results.json").write_text(json.dumps(res, indent=1))

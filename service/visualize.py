@@ -70,6 +70,7 @@ def attention_pictures(
     procedural_index: int | None = None,
     image_size: int | None = None,
     keep: float = 0.6,
+    which: str = "teacher",
 ) -> dict[str, Any]:
     """Writes the last block's per-head attention of one image as pictures.
 
@@ -86,6 +87,7 @@ def attention_pictures(
             scores each head's mask against the object's ground truth.
         image_size: shorter side the image is resized to (None: as it is).
         keep: attention mass kept in the masks (paper: 0.6).
+        which: ``teacher``, ``student`` or ``random`` (see ``load_backbone``).
 
     Returns:
         ``{"paths": [...], "heads", "patch_size", "height", "width"}`` plus, for a procedural
@@ -93,7 +95,7 @@ def attention_pictures(
     """
     if (image is None) == (procedural_index is None):
         raise ValueError("give exactly one of an image or a procedural index")
-    model, cfg = load_backbone(checkpoint)
+    model, cfg = load_backbone(checkpoint, which)
     p = vit_patch_size(model)
     gt = None
     if image is not None:
@@ -146,10 +148,11 @@ def _gt_like(
 
 
 def jaccard_report(
-    checkpoint: str, n: int, image_size: int | None = None, keep: float = 0.6
+    checkpoint: str, n: int, image_size: int | None = None, keep: float = 0.6,
+    which: str = "teacher",
 ) -> dict[str, Any]:
     """Mean Jaccard of each head's ``keep``-mass mask with the object masks of the first ``n``
     images of the run's procedural validation set (the paper's Table 7 protocol)."""
-    model, cfg = load_backbone(checkpoint)
+    model, cfg = load_backbone(checkpoint, which)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     return mask_jaccard_over_dataset(model, procedural_set(cfg, n), n, image_size, keep)

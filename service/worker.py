@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from dino_core import (
     DINOLoss,
@@ -134,6 +135,11 @@ class Worker:
         self.niter_per_ep = data.steps_per_epoch(len(self.dataset), cfg, self.world)
 
         self.student, self.teacher = build_networks(network_spec(cfg))
+        if self.world > 1 and self.device.type == "cuda":
+            # BN heads and ResNets normalise over the global batch, as the reference does;
+            # torch has no SyncBatchNorm on CPU, where each worker uses its own batch
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
         self.student.to(self.device)
         self.teacher.to(self.device)
         self.ema_params = ema_parameter_lists(self.teacher, self.student)

@@ -9,10 +9,30 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+import psutil
 import pytest
 
 from service import stack
+
+
+@contextmanager
+def private_ray_tmpdir() -> Iterator[Path]:
+    """A short RAY_TMPDIR of a test's own (socket paths must stay under 108 characters);
+    afterwards, any process still running from it is killed by pid."""
+    path = Path(tempfile.mkdtemp(prefix="dino-rt-"))
+    try:
+        yield path
+    finally:
+        leftover = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any(str(path) in arg for arg in p.info["cmdline"] or []):
+                leftover.append(p)
+        for p in leftover:
+            p.kill()
+        psutil.wait_procs(leftover, timeout=10)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager

@@ -430,3 +430,19 @@ def test_cli_attention_logs_to_the_checkpoints_mlflow_run(checkpoint, tmp_path, 
     logged = {a.path for a in client.list_artifacts(training.run_id, "eval")}
     assert {"eval/attn-grid.png", "eval/pca.png"} <= logged
     assert training.run_id in capsys.readouterr().err
+
+
+def test_weights_choice_teacher_student_random(checkpoint):
+    from service.evaluate import load_backbone
+
+    teacher, cfg = load_backbone(checkpoint)
+    random_a, _ = load_backbone(checkpoint, "random")
+    random_b, _ = load_backbone(checkpoint, "random")
+    student, _ = load_backbone(checkpoint, "student")
+    t, a, b = (m.state_dict() for m in (teacher, random_a, random_b))
+    assert t.keys() == a.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded by the run's train.seed
+    assert not torch.equal(t["pos_embed"], a["pos_embed"])  # not the checkpoint's weights
+    assert torch.equal(student.state_dict()["pos_embed"], t["pos_embed"])  # as saved
+    with pytest.raises(ValueError, match="weights must be one of teacher, student, random"):
+        load_backbone(checkpoint, "ema")

@@ -10,19 +10,17 @@ import logging
 import os
 import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
+from conftest import private_ray_tmpdir
 from PIL import Image
 from test_service_train import TINY, dino
 
@@ -184,20 +182,9 @@ def test_service_training_dataset_decodes_big_jpegs_small(messy_folder, backend)
 
 @pytest.fixture
 def ray_tmp() -> Iterator[Path]:
-    """A short RAY_TMPDIR of this test's own (socket paths must stay under 108 characters);
-    afterwards, any process still running from it is killed by pid."""
-    path = Path(tempfile.mkdtemp(prefix="dino-rt-"))
-    try:
+    """A short RAY_TMPDIR of this test's own; its leftover processes are killed after."""
+    with private_ray_tmpdir() as path:
         yield path
-    finally:
-        leftover = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if any(str(path) in arg for arg in p.info["cmdline"] or []):
-                leftover.append(p)
-        for p in leftover:
-            p.kill()
-        psutil.wait_procs(leftover, timeout=10)
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _text(out: subprocess.CompletedProcess) -> str:
