@@ -21,6 +21,8 @@ from conftest import private_ray_tmpdir
 
 from service import checkpoint as ckpt
 
+pytestmark = pytest.mark.integration
+
 REPO = Path(__file__).resolve().parents[1]
 
 
