@@ -62,6 +62,8 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], config_yaml: 
 def verify(directory: str | Path) -> dict[str, Any]:
     """Checks the manifest against the files; returns the manifest."""
     d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no such checkpoint directory")
     if not (d / MANIFEST).is_file():
         raise CheckpointError(f"{d}: no {MANIFEST} (the checkpoint was never completed)")
     manifest = json.loads((d / MANIFEST).read_text())

@@ -487,6 +487,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"dino: {err}", file=sys.stderr)
         return 2
+    except _user_errors() as err:  # evaluated only when something was raised
+        if args.verbose:
+            raise
+        print(f"dino: {type(err).__name__}: {err}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What bad input raises (a damaged checkpoint, a missing file, an unreachable or unknown
+    storage URL, a wrong argument): one line, not a traceback; ``-v`` shows the traceback."""
+    from service.checkpoint import CheckpointError
+    from service.storage import StorageError
+
+    return CheckpointError, StorageError, FileNotFoundError, ValueError
 
 
 if __name__ == "__main__":

@@ -446,3 +446,20 @@ def test_weights_choice_teacher_student_random(checkpoint):
     assert torch.equal(student.state_dict()["pos_embed"], t["pos_embed"])  # as saved
     with pytest.raises(ValueError, match="weights must be one of teacher, student, random"):
         load_backbone(checkpoint, "ema")
+
+
+def test_cli_bad_checkpoint_is_one_line_not_a_traceback(checkpoint, tmp_path, capsys):
+    from service.cli import main
+
+    knn = ["eval", "knn", "--train", "procedural", "--val", "procedural", "--num-workers", "0"]
+    assert main([*knn, "--checkpoint", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"dino: CheckpointError: {tmp_path / 'missing'}: no such checkpoint directory\n"
+    (tmp_path / "half").mkdir()  # a checkpoint whose manifest was never written
+    assert main([*knn, "--checkpoint", str(tmp_path / "half")]) == 1
+    assert "never completed" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", checkpoint, "--out", str(tmp_path / "b.safetensors")]) == 0
+    capsys.readouterr()
+    assert main([*knn, "--checkpoint", str(tmp_path / "b.safetensors"), "--weights", "random"]) == 1
+    assert "dino: ValueError: an exported backbone holds only its own weights, not 'random'" in \
+        capsys.readouterr().err
