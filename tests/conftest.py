@@ -35,6 +35,13 @@ def private_ray_tmpdir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """A short RAY_TMPDIR of this test's own; its leftover processes are killed after."""
+    with private_ray_tmpdir() as path:
+        yield path
+
+
 @contextmanager
 def _environ(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the session, then restore what was there before."""

@@ -10,27 +10,19 @@ converged backbone.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import private_ray_tmpdir
+from test_service_train import dino
 
 from service import checkpoint as ckpt
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def dino_json(*args: str) -> dict:
-    out = subprocess.run([sys.executable, "-m", "service.cli", *args, "--json"], cwd=REPO,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return json.loads(dino(*args, "--json", timeout=900).stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +31,8 @@ def quickstart(tmp_path_factory) -> Iterator[str]:
     does (only the storage root, and with it MLflow's file, moved into the test's folder)."""
     root = tmp_path_factory.mktemp("quickstart")
     with private_ray_tmpdir() as ray_dir:
-        env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_dir)}
-        out = subprocess.run(
-            [sys.executable, "-m", "service.cli", "train", "--preset", "quickstart",
-             f"storage.root={root / 'runs'}"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        out = dino("train", "--preset", "quickstart", f"storage.root={root / 'runs'}",
+                   env={"RAY_TMPDIR": str(ray_dir)}, timeout=1200)
     found = ckpt.load_latest_valid(ckpt.checkpoint_dirs(str(root / "runs" / "quickstart")))
     assert found is not None, out.stdout[-3000:]
     print(out.stdout[-1500:])

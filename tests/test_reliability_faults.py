@@ -14,7 +14,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from test_reliability_input import ray_tmp  # noqa: F401 - the fixture
 from test_service_train import TINY
 
 from service import checkpoint as ckpt
@@ -29,8 +28,7 @@ def train_cmd(*overrides: str) -> list[str]:
 
 
 def env_for(ray_dir: Path, **extra: str) -> dict[str, str]:
-    return {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_dir), "RAY_DEDUP_LOGS": "0",
-            **extra}
+    return {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_dir), **extra}
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -53,7 +51,7 @@ def all_finite(state: dict) -> bool:
 
 @pytest.mark.parametrize("defer", ["off", "on"])
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-    tmp_path, ray_tmp, defer  # noqa: F811
+    tmp_path, ray_tmp, defer
 ):
     """NaN crops at global step 11 (epoch 2 of 8-step epochs): the run stops naming step 11
     and the epoch-1 checkpoint (step 8) is the latest, complete and finite. ``defer=on`` is
@@ -75,7 +73,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert all_finite(state)
 
 
-def test_isolated_nan_steps_are_skipped_and_counted(tmp_path, ray_tmp):  # noqa: F811
+def test_isolated_nan_steps_are_skipped_and_counted(tmp_path, ray_tmp):
     out = subprocess.run(
         train_cmd(f"storage.root={tmp_path}", "run_name=skip", "train.epochs=2",
                   "train.on_nonfinite=skip", "train.max_skipped_steps=3",
@@ -114,7 +112,7 @@ def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
-    tmp_path, ray_tmp  # noqa: F811
+    tmp_path, ray_tmp
 ):
     """SIGKILL to the Ray Train worker process after the first checkpoint: Ray's
     FailureConfig restarts the worker group, which restores the checkpoint and finishes;
@@ -156,7 +154,7 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
     print(f"worker {pid} killed; restored at step {step} in {recovered_s:.1f} s")
 
 
-def test_killed_driver_then_the_same_command_resumes(tmp_path, ray_tmp):  # noqa: F811
+def test_killed_driver_then_the_same_command_resumes(tmp_path, ray_tmp):
     """The whole job preempted: driver, local Ray and workers killed together (SIGKILL to
     the process group) after the first checkpoint; re-running the command resumes."""
     cmd = train_cmd(f"storage.root={tmp_path}", "run_name=pre", "train.epochs=6")

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import private_ray_tmpdir
 from PIL import Image
 from test_service_train import TINY, dino
 
@@ -178,13 +177,6 @@ def test_service_training_dataset_decodes_big_jpegs_small(messy_folder, backend)
 
 
 # ---------------------------------------------------------------------------- local Ray helpers
-
-
-@pytest.fixture
-def ray_tmp() -> Iterator[Path]:
-    """A short RAY_TMPDIR of this test's own; its leftover processes are killed after."""
-    with private_ray_tmpdir() as path:
-        yield path
 
 
 def _text(out: subprocess.CompletedProcess) -> str:

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_reliability_input import ray_tmp  # noqa: F401 - the fixture
 from test_service_train import TINY
 
 from service import checkpoint as ckpt
@@ -202,7 +201,7 @@ def _steps_in_bucket(out: S3Outage, run_name: str, tmp_path: Path) -> dict[int, 
 # ---------------------------------------------------------------------------- S3 outage
 
 
-def test_s3_outage_during_training_is_waited_out(s3_outage, tmp_path, ray_tmp):  # noqa: F811
+def test_s3_outage_during_training_is_waited_out(s3_outage, tmp_path, ray_tmp):
     """The proxy to S3 is killed at step ~3 of 24 and restarted 30 s later (longer than
     botocore's own retries bridge): the checkpoint upload that meets the outage is retried
     until storage is back, training goes on, and all 3 epoch checkpoints and the backbone are
@@ -248,7 +247,7 @@ def test_s3_outage_during_training_is_waited_out(s3_outage, tmp_path, ray_tmp): 
 
 
 def test_s3_that_never_comes_back_fails_the_run_and_keeps_the_checkpoint(
-    s3_outage, tmp_path, ray_tmp  # noqa: F811
+    s3_outage, tmp_path, ray_tmp
 ):
     """The proxy is killed at step ~3 and stays down, DINO_STORAGE_RETRY_SECONDS=8: the
     run fails with an error naming the storage URL and the checkpoint that could not be
@@ -328,7 +327,7 @@ def _loss_steps(tracking_uri: str, run_name: str) -> tuple[list[int], str]:
 
 
 def test_mlflow_server_killed_mid_run_buffers_and_flushes_after_restart(
-    tmp_path, ray_tmp  # noqa: F811
+    tmp_path, ray_tmp
 ):
     """``mlflow server`` (sqlite backend) is killed at step ~10 and restarted on the same
     port with the same store: training goes on and completes, the metrics of the outage are
