@@ -12,4 +12,4 @@ if [ "$#" -lt 1 ]; then
 fi
 command="$1"
 shift
-exec "${PYTHON:-python}" -m service.stack "$command" --state-dir ./.dino-stack "$@"
+exec "${PYTHON:-python}" -m service.devtools.stack "$command" --state-dir ./.dino-stack "$@"

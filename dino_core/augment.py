@@ -27,6 +27,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision import tv_tensors
 
+from dino_core.specs import MULTICROP, MultiCropSpec  # noqa: F401 - re-exported
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -40,8 +42,10 @@ BLUR_SIGMA = (0.1, 2.0)
 BLUR_KERNEL = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1
 
 # Solarize inverts pixels >= threshold; the colour ops run on uint8, so the reference's
-# PIL threshold of 128 applies unchanged (0.5 in float).
-SOLARIZE_THRESHOLD = 128
+# PIL threshold of 128 applies unchanged (augment_batched's SOLARIZE_THRESHOLD_FLOAT, 0.5).
+SOLARIZE_THRESHOLD_UINT8 = 128
+
+
 
 
 def gaussian_blur(
@@ -146,7 +150,7 @@ def _view(
         T.RandomApply([GaussianBlur()], p=blur_p),
     ]
     if solarize_p > 0:
-        ops.append(T.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=solarize_p))
+        ops.append(T.RandomSolarize(threshold=SOLARIZE_THRESHOLD_UINT8, p=solarize_p))
     ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean=list(mean), std=list(std))]
     return T.Compose(ops)
 
@@ -184,11 +188,11 @@ class MultiCropAugmentation:
 
     def __init__(
         self,
-        global_size: int = 224,
-        local_size: int = 96,
-        n_local: int = 10,
-        global_scale: tuple[float, float] = (0.4, 1.0),
-        local_scale: tuple[float, float] = (0.05, 0.4),
+        global_size: int = MULTICROP.global_size,
+        local_size: int = MULTICROP.local_size,
+        n_local: int = MULTICROP.n_local,
+        global_scale: tuple[float, float] = MULTICROP.global_scale,
+        local_scale: tuple[float, float] = MULTICROP.local_scale,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:

@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import nn
 
 from dino_core.models import DINOHead, MultiCropWrapper, build_backbone, embed_dim_of
-
-
-@dataclass(frozen=True)
-class NetworkSpec:
-    """Everything that fixes the shapes of the student and the teacher."""
-
-    arch: str = "vit_small"
-    patch_size: int = 16
-    img_size: int = 224
-    depth: int | None = None
-    drop_path_rate: float = 0.1
-    out_dim: int = 65536
-    use_bn_in_head: bool = False
-    norm_last_layer: bool = True
-    head_nlayers: int = 3
-    head_hidden_dim: int = 2048
-    head_bottleneck_dim: int = 256
+from dino_core.specs import NetworkSpec
 
 
 def build_networks(spec: NetworkSpec) -> tuple[MultiCropWrapper, MultiCropWrapper]:

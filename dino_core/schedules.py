@@ -6,9 +6,12 @@ same value at the same step as an uninterrupted one (dinov2's ``build_schedulers
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
+
+from dino_core.specs import ScheduleSpec
 
 
 def cosine_schedule(
@@ -76,31 +79,31 @@ class Schedules:
 
 
 def build_schedules(
+    spec: ScheduleSpec | None = None,
     *,
     epochs: int,
     niter_per_ep: int,
     global_batch_size: int,
-    lr: float = 5e-4,
-    min_lr: float = 1e-6,
-    warmup_epochs: int = 10,
-    weight_decay: float = 0.04,
-    weight_decay_end: float = 0.4,
-    momentum_teacher: float = 0.996,
-    warmup_teacher_temp: float = 0.04,
-    teacher_temp: float = 0.04,
-    warmup_teacher_temp_epochs: int = 0,
+    **changes: Any,
 ) -> Schedules:
     """The paper's schedules (Sec. 5 / Appendix): lr warm-up then cosine to ``min_lr``, lr
     scaled by ``global_batch_size / 256``; weight decay cosine 0.04 -> 0.4; teacher momentum
-    cosine ``momentum_teacher`` -> 1; teacher temperature warm-up."""
+    cosine ``momentum_teacher`` -> 1; teacher temperature warm-up.
+
+    Args:
+        spec: The settings (default: ``ScheduleSpec()``).
+        changes: Fields of ``ScheduleSpec`` to change, e.g. ``lr=2e-3``.
+    """
+    s = replace(spec or ScheduleSpec(), **changes)
     return Schedules(
         lr=cosine_schedule(
-            scaled_lr(lr, global_batch_size), min_lr, epochs, niter_per_ep, warmup_epochs
+            scaled_lr(s.lr, global_batch_size), s.min_lr, epochs, niter_per_ep, s.warmup_epochs
         ),
-        weight_decay=cosine_schedule(weight_decay, weight_decay_end, epochs, niter_per_ep),
-        momentum=cosine_schedule(momentum_teacher, 1.0, epochs, niter_per_ep),
+        weight_decay=cosine_schedule(s.weight_decay, s.weight_decay_end, epochs, niter_per_ep),
+        momentum=cosine_schedule(s.momentum_teacher, 1.0, epochs, niter_per_ep),
         teacher_temp=teacher_temp_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs, niter_per_ep
+            s.warmup_teacher_temp, s.teacher_temp, s.warmup_teacher_temp_epochs, epochs,
+            niter_per_ep,
         ),
         niter_per_ep=niter_per_ep,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from service import stack
+from service.devtools import stack
 
 
 @contextmanager

@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 
-from service.checkpoint import (
+from service.storage.checkpoints import (
     CheckpointError,
     load_checkpoint,
     load_latest_valid,

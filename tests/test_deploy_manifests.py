@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service import k8s_validate as kv
+from service.devtools import k8s_validate as kv
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERLAYS = ["k8s/base", "k8s/overlays/cpu-dev", "k8s/overlays/gpu"]
@@ -207,7 +207,7 @@ def test_strict_schema_conversion():
             },
         }
     )
-    validator = kv.jsonschema.Draft7Validator(schema)
+    validator = kv._jsonschema().Draft7Validator(schema)
     assert not list(
         validator.iter_errors({"name": "x", "cpu": 2, "memory": "1Gi", "free": {"b": 1}})
     )

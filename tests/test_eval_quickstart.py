@@ -16,7 +16,7 @@ import pytest
 from conftest import private_ray_tmpdir
 from test_service_train import dino
 
-from service import checkpoint as ckpt
+from service.storage import checkpoints as ckpt
 
 pytestmark = pytest.mark.integration
 

@@ -263,9 +263,8 @@ def test_linear_probe_extended_to_more_epochs(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A quickstart-shaped checkpoint directory with random weights, as a worker writes it."""
-    from service.checkpoint import write_checkpoint
-    from service.config import load_config, to_yaml
-    from service.worker import backbone_meta
+    from service.config import backbone_meta, load_config, to_yaml
+    from service.storage.checkpoints import write_checkpoint
 
     cfg = load_config(
         "quickstart", overrides=["eval.procedural_train_size=48", "eval.procedural_val_size=24"]
@@ -398,7 +397,7 @@ def test_cli_attention_logs_to_the_checkpoints_mlflow_run(checkpoint, tmp_path, 
     from mlflow.tracking import MlflowClient
 
     from service.cli import main
-    from service.tracking import Tracker
+    from service.tracking import MLflowTracker as Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     training = Tracker.start(uri, "dino", "quickstart", (tmp_path / "artifacts").as_uri())
@@ -454,7 +453,7 @@ def test_cli_bad_checkpoint_is_one_line_not_a_traceback(checkpoint, tmp_path, ca
     knn = ["eval", "knn", "--train", "procedural", "--val", "procedural", "--num-workers", "0"]
     assert main([*knn, "--checkpoint", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
-    assert err == f"dino: CheckpointError: {tmp_path / 'missing'}: no such checkpoint directory\n"
+    assert err == f"dino: CheckpointError: {tmp_path / 'missing'}: no such checkpoint or run folder\n"
     (tmp_path / "half").mkdir()  # a checkpoint whose manifest was never written
     assert main([*knn, "--checkpoint", str(tmp_path / "half")]) == 1
     assert "never completed" in capsys.readouterr().err

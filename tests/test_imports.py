@@ -16,3 +16,14 @@ def test_dino_core_imports_no_service_dependencies():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"dino_core pulled in: {out.stdout.strip()}"
+
+
+def test_dino_core_names_load_lazily_and_config_needs_no_torch():
+    code = (
+        "import sys, service.config, dino_core;"
+        "print('torch' in sys.modules);"
+        "missing = [n for n in dino_core.__all__ if getattr(dino_core, n, None) is None];"
+        "print(missing, 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["False", "[] True"], out.stdout + out.stderr

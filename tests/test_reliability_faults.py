@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_service_train import TINY
 
-from service import checkpoint as ckpt
+from service.storage import checkpoints as ckpt
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,9 @@ from test_service_train import TINY, dino
 from dino_core.augment import eval_transform
 from dino_core.data.collate import collate_multicrop
 from dino_core.data.folder import ImageFolder, load_rgb
-from service import data, runlock
+from service import data
 from service.config import load_config
+from service.storage import runlock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,7 +330,7 @@ def test_planted_secrets_appear_in_no_output_log_param_or_stored_file(
 
 def test_run_lock_refuses_a_second_driver_and_dies_with_its_holder(tmp_path):
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from service import runlock\n"
+        [sys.executable, "-c", "import sys, time; from service.storage import runlock\n"
          "with runlock.hold(sys.argv[1], 'r'):\n print('held', flush=True); time.sleep(600)",
          str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 from test_service_train import TINY
 
-from service import checkpoint as ckpt
-from service import stack
+from service.devtools import stack
+from service.storage import checkpoints as ckpt
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
@@ -283,10 +283,10 @@ def test_s3_that_never_comes_back_fails_the_run_and_keeps_the_checkpoint(
 
 def test_upload_file_waits_out_an_outage_or_keeps_the_file(s3_outage, tmp_path, monkeypatch):
     """``storage.upload_file`` (no Ray): through a 5 s outage the upload arrives; through one
-    longer than DINO_STORAGE_RETRY_SECONDS it fails naming the URL and keeps the file."""
+    longer than ``storage.retry_seconds`` it fails naming the URL and keeps the file."""
     from service import storage
 
-    for key, value in {**s3_outage.env, "DINO_STORAGE_RETRY_SECONDS": "3"}.items():
+    for key, value in s3_outage.env.items():
         monkeypatch.setenv(key, value)
     local = tmp_path / "teacher_backbone.safetensors"
     local.write_bytes(os.urandom(1 << 16))
@@ -294,17 +294,20 @@ def test_upload_file_waits_out_an_outage_or_keeps_the_file(s3_outage, tmp_path, 
 
     s3_outage.proxy.kill()
     threading.Timer(5.0, s3_outage.proxy.start).start()
-    monkeypatch.setenv("DINO_STORAGE_RETRY_SECONDS", "60")
+    storage.configure(retry_seconds=60, spool_dir=tmp_path / "spool")
     t0 = time.monotonic()
     storage.upload_file(local, url)
     waited = time.monotonic() - t0
     assert s3_outage.s3fs().cat_file(url.removeprefix("s3://")) == local.read_bytes()
 
     s3_outage.proxy.kill()
-    monkeypatch.setenv("DINO_STORAGE_RETRY_SECONDS", "3")
+    storage.configure(retry_seconds=3, spool_dir=tmp_path / "spool")
     t0 = time.monotonic()
-    with pytest.raises(storage.StorageError, match=rf"storage {re.escape(url)}\.2: .*kept at "):
-        storage.upload_file(local, url + ".2")
+    try:
+        with pytest.raises(storage.StorageError, match=rf"storage {re.escape(url)}\.2: .*kept at "):
+            storage.upload_file(local, url + ".2")
+    finally:
+        storage.configure()  # this process's defaults again
     failed = time.monotonic() - t0
     kept = tmp_path / "spool" / "kept" / s3_outage.bucket / "runs" / "up" / (local.name + ".2")
     assert kept.read_bytes() == local.read_bytes()
@@ -381,7 +384,7 @@ def test_mlflow_server_killed_mid_run_buffers_and_flushes_after_restart(
 
 _FIRST_RUN = """
 import pathlib, sys, time
-from service.tracking import Tracker
+from service.tracking import MLflowTracker as Tracker
 import mlflow.store.tracking.sqlalchemy_store  # the slow imports, before the start line
 uri, name, sync = sys.argv[1:4]
 pathlib.Path(sync, name).touch()

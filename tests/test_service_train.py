@@ -113,8 +113,8 @@ def _center_loop(config: dict) -> None:
 
     from dino_core import DINOLoss, build_networks, build_optimizer, ema_parameter_lists, train_step
     from dino_core.loss import identity
-    from dino_core.train_step import StepConfig
-    from service.worker import all_reduce_mean
+    from dino_core.step import StepConfig
+    from service.train.collectives import all_reduce_mean
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from service import stack
+from service.devtools import stack
 
 pytestmark = pytest.mark.integration
 
@@ -138,7 +138,7 @@ def test_up_down_through_state_file(tmp_path, short_tmp):
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_", "MLFLOW_"))}
 
     def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "service.stack", *args, "--state-dir", str(state)]
+        cmd = [sys.executable, "-m", "service.devtools.stack", *args, "--state-dir", str(state)]
         env = {**clean, "RAY_TMPDIR": short_tmp}  # keeps /tmp/ray/ray_current_cluster out
         return subprocess.run(
             cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=check

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from test_service_train import TINY as SERVICE_TINY
 
-from service import jobs, stack
+from service.cli.jobs import cluster_args
+from service.cluster import jobs
+from service.devtools import stack
 
 REPO = Path(__file__).resolve().parents[1]
 PLANTED = "planted-secret-5f0c1d9e"  # the submitter's AWS secret; must not reach the job
@@ -65,15 +67,15 @@ def test_job_env_keeps_secrets_out_unless_asked():
 
 
 def test_cluster_args_put_the_address_after_the_overrides():
-    assert jobs.cluster_args("train", ["--preset", "quickstart", "optim.lr=1e-3"]) == [
+    assert cluster_args("train", ["--preset", "quickstart", "optim.lr=1e-3"]) == [
         "train", "--preset", "quickstart", "optim.lr=1e-3", "ray.address=auto"]  # fmt: skip
     # `dino train a=1 --json b=2` is an argparse error, so not simply appended
-    assert jobs.cluster_args("train", ["optim.lr=1e-3", "--json"]) == [
+    assert cluster_args("train", ["optim.lr=1e-3", "--json"]) == [
         "train", "optim.lr=1e-3", "ray.address=auto", "--json"]  # fmt: skip
-    assert jobs.cluster_args("tune", ["--", "--num-samples", "2"]) == [
+    assert cluster_args("tune", ["--", "--num-samples", "2"]) == [
         "tune", "--num-samples", "2", "ray.address=auto"]  # fmt: skip
     with pytest.raises(ValueError, match="optim.lr"):  # a bad value fails before submitting
-        jobs.cluster_args("train", ["optim.lr=-1"])
+        cluster_args("train", ["optim.lr=-1"])
 
 
 def test_address_and_auth_header(tmp_path):

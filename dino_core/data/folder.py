@@ -107,55 +107,59 @@ def _scan(root: Path) -> list[Path]:
         seen.add(real)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            if is_image_name(name):
                 found.append(Path(dirpath, name).relative_to(root))
     return sorted(found, key=lambda p: p.parts)
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """Every image under ``root``; labelled by first-level folder when all images have one.
+def is_image_name(name: str) -> bool:
+    """A visible file with one of ``IMAGE_EXTENSIONS`` (case-insensitive)."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
-    Labels follow torchvision's ``ImageFolder``: if every image lies inside a first-level
-    subfolder, ``classes`` is the sorted list of the non-hidden first-level subfolders
-    (including empty ones, so the label of a class never depends on which others happen to
-    have files) and the label is the index of the image's subfolder. Otherwise ``classes`` is
-    empty and every label is -1 (plain unlabelled pretraining data).
 
-    Args:
-        root: A local directory.
-        transform: Applied to the RGB PIL image (e.g. ``MultiCropAugmentation``).
-        size_hint: Passed to :func:`load_rgb` for fast decoding of large JPEGs.
+def label_by_first_folder(
+    relative: list[tuple[str, ...]], folders: list[str]
+) -> tuple[list[str], list[int]]:
+    """``(classes, labels)`` for images at ``relative`` paths (as parts) under a root whose
+    visible first-level folders are ``folders``.
+
+    As torchvision's ``ImageFolder``: if every image lies inside a first-level folder, the
+    classes are the sorted visible first-level folders, *including empty ones*, so the label
+    of a class never depends on which others happen to have files; otherwise there are no
+    classes and every label is -1 (plain unlabelled pretraining data).
+    """
+    if not relative or not all(len(parts) >= 2 for parts in relative):
+        return [], [-1] * len(relative)
+    classes = sorted({f for f in folders if not f.startswith(".")} | {p[0] for p in relative})
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [index[parts[0]] for parts in relative]
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images named by ``samples``, decoded by :func:`load_rgb`; an unreadable one gives
+    ``None`` and is counted. Subclasses say where the files are (:meth:`open`).
 
     Attributes:
         samples: ``(path, label)`` per image, in sorted order.
-        classes: Class names, index = label.
+        classes: Class names, index = label (empty: unlabelled).
         num_skipped: Unreadable files met so far *in this process* (each DataLoader worker
             has its own copy; the collate function reports skips per batch for that reason).
     """
 
     def __init__(
         self,
-        root: str | os.PathLike,
+        samples: list[tuple[str, int]],
+        classes: list[str],
         transform: Callable[[Image.Image], Any] | None = None,
         size_hint: int | None = None,
     ) -> None:
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        self.samples, self.classes = samples, classes
         self.transform, self.size_hint = transform, size_hint
-        relative = _scan(self.root)
-        if not relative:
-            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
-        if all(len(p.parts) >= 2 for p in relative):
-            self.classes = sorted(
-                e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")
-            )
-            index = {name: i for i, name in enumerate(self.classes)}
-            labels = [index[p.parts[0]] for p in relative]
-        else:
-            self.classes, labels = [], [-1] * len(relative)
-        self.samples = [(str(self.root / p), label) for p, label in zip(relative, labels)]
         self._skipped: set[str] = set()
+
+    def open(self, path: str) -> str | BinaryIO:
+        """What :func:`load_rgb` reads for ``path``: the path itself for local files."""
+        return path
 
     @property
     def num_skipped(self) -> int:
@@ -172,7 +176,7 @@ class ImageFolder(torch.utils.data.Dataset):
         """
         path, label = self.samples[index]
         try:
-            image = load_rgb(path, self.size_hint)
+            image = load_rgb(self.open(path), self.size_hint)
         except Exception as exc:  # decoders raise many types (OSError, SyntaxError, ...)
             if path not in self._skipped:  # warn once per file, not once per epoch
                 logger.warning(
@@ -182,3 +186,31 @@ class ImageFolder(torch.utils.data.Dataset):
             return None
         # The transform runs outside the try: a bug there must fail loudly, not skip data.
         return (self.transform(image) if self.transform else image), label
+
+
+class ImageFolder(ImageFiles):
+    """Every image under a local ``root``; labelled by first-level folder when all images
+    have one (:func:`label_by_first_folder`).
+
+    Args:
+        root: A local directory.
+        transform: Applied to the RGB PIL image (e.g. ``MultiCropAugmentation``).
+        size_hint: Passed to :func:`load_rgb` for fast decoding of large JPEGs.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable[[Image.Image], Any] | None = None,
+        size_hint: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist")
+        relative = _scan(self.root)
+        if not relative:
+            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+        folders = [e.name for e in os.scandir(self.root) if e.is_dir()]
+        classes, labels = label_by_first_folder([p.parts for p in relative], folders)
+        samples = [(str(self.root / p), label) for p, label in zip(relative, labels)]
+        super().__init__(samples, classes, transform, size_hint)

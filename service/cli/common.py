@@ -1,0 +1,47 @@
+"""Pieces every command module shares: config arguments and the rule for run names."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import time
+
+EPILOG_OVERRIDES = (
+    "Any config key can be overridden as key=value, e.g. "
+    "`dino train --preset quickstart data.path=/imgs train.epochs=5 optim.lr=1e-3`."
+)
+
+
+def config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="named preset (see `dino presets`)")
+    p.add_argument("--config", help="YAML file with config sections")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+
+def unique_run_name(prefix: str = "dino") -> str:
+    """``dino-20260101-120000-3fa2c1``: UTC time (sorts by start) and 24 random bits."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+def flush_ray_logs() -> None:
+    """Shuts the driver's Ray down before the summary: Ray's log deduplicator prints its
+    held-back "[repeated Nx]" lines at shutdown, which otherwise land after ``--json``."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=["teacher", "student", "random"], default="teacher",
+                   help="which backbone of the checkpoint; random: the same architecture "
+                        "untrained, the baseline to compare against")
+
+
+def mlflow_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mlflow", action="store_true",
+                   help="log results to the MLflow run that trained the checkpoint")
+    p.add_argument("--tracking-uri", help="MLflow URI (default: the run's tracking.uri, "
+                                          "then MLFLOW_TRACKING_URI, then the local default)")
+
+

@@ -1,0 +1,191 @@
+"""``dino eval knn|linear``, ``dino attention`` and ``dino export``: evaluations of a
+checkpoint, a run folder (its newest complete checkpoint) or an exported backbone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from service.cli.common import mlflow_args, weights_arg
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(
+        dest="eval_command", required=True)
+    p = ev.add_parser("knn", help="weighted k-NN on labeled train/val folders")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir/URL or backbone file")
+    weights_arg(p)
+    p.add_argument("--train", required=True, help="labeled train folder/URL or 'procedural'")
+    p.add_argument("--val", required=True, help="labeled val folder/URL or 'procedural'")
+    p.add_argument("--image-size", type=int, default=224, help="center crop side")
+    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
+    p.add_argument("--temperature", type=float, default=0.07)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--dump-features", metavar="FILE", help="save features to this .pt file")
+    p.add_argument("--load-features", metavar="FILE", help="reuse features from this file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    mlflow_args(p)
+    p.set_defaults(fn=cmd_eval_knn)
+
+    p = ev.add_parser("linear", help="linear probe on the frozen backbone (top-1/top-5)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir/URL or backbone file")
+    weights_arg(p)
+    p.add_argument("--train", required=True, help="labeled train folder/URL or 'procedural'")
+    p.add_argument("--val", required=True, help="labeled val folder/URL or 'procedural'")
+    p.add_argument("--epochs", type=int, default=100, help="paper: 100")
+    p.add_argument("--lr", type=float, default=0.001, help="base lr at batch 256 (SGD)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n-last-blocks", type=int, default=4,
+                   help="CLS tokens of the last n blocks (paper: 4 for ViT-S, 1 for ViT-B)")
+    p.add_argument("--avgpool", action="store_true",
+                   help="append the mean patch token (paper: on for ViT-B)")
+    p.add_argument("--image-size", type=int, default=224, help="crop side")
+    p.add_argument("--crop-scale", type=float, default=0.08, metavar="MIN",
+                   help="smallest RandomResizedCrop area of the training views (paper: 0.08; "
+                        "small images with one object keep more, e.g. 0.5)")
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="local folder for the probe checkpoint (rerun to resume) and results")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    mlflow_args(p)
+    p.set_defaults(fn=cmd_eval_linear)
+
+    p = sub.add_parser("attention", help="attention heat maps, masks and PCA of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir/URL or backbone file")
+    weights_arg(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--image", metavar="FILE_OR_URL", help="image file or URL")
+    src.add_argument("--procedural-index", type=int, metavar="N",
+                     help="sample N of the run's procedural validation set")
+    p.add_argument("--out", metavar="DIR", help="folder for the PNG files")
+    p.add_argument("--image-size", type=int, help="resize the shorter side (default: as is)")
+    p.add_argument("--keep", type=float, default=0.6,
+                   help="attention mass kept in the masks (paper: 0.6)")
+    p.add_argument("--jaccard", type=int, metavar="N",
+                   help="mean mask Jaccard over N procedural images, per head")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    mlflow_args(p)
+    p.set_defaults(fn=cmd_attention)
+
+    p = sub.add_parser("export", help="teacher backbone -> timm-compatible safetensors")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory or URL")
+    p.add_argument("--out", required=True, help="output .safetensors path or URL")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    p.set_defaults(fn=cmd_export)
+
+
+
+def cmd_eval_knn(args: argparse.Namespace) -> int:
+    from service.evaluate.knn import knn_eval
+
+    res = knn_eval(args.checkpoint, args.train, args.val, image_size=args.image_size,
+                   ks=args.k, temperature=args.temperature, batch_size=args.batch_size,
+                   num_workers=args.num_workers, dump=args.dump_features,
+                   load=args.load_features, which=args.weights)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"k-NN on {res['n_train']} train / {res['n_val']} val images "
+              f"(T={args.temperature}, {res['num_classes']} classes, "
+              f"chance {100 / res['num_classes']:.1f}%)")
+        print(f"{'k':>5} {'top-1':>7} {'top-5':>7}")
+        for k in args.k:
+            r = res["by_k"][str(k)]
+            print(f"{k:>5} {r['top1']:>6.2f}% {r['top5']:>6.2f}%")
+    if args.mlflow:
+        return _log_eval(args, {"eval_knn_top1": res["top1"], "eval_knn_top5": res["top5"]})
+    return 0
+
+
+def _log_eval(args: argparse.Namespace, metrics: dict[str, float],
+              artifacts: list[str] | None = None) -> int:
+    from service.evaluate import checkpoint_config, checkpoint_step, log_to_checkpoint_run
+
+    try:
+        uri, run_id = log_to_checkpoint_run(
+            checkpoint_config(args.checkpoint), metrics, artifacts or [],
+            checkpoint_step(args.checkpoint), args.tracking_uri)
+    except (ValueError, RuntimeError) as err:
+        print(f"dino: {err}", file=sys.stderr)
+        return 1
+    print(f"logged {len(metrics)} metrics and {len(artifacts or [])} files to MLflow {uri} "
+          f"run {run_id}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval_linear(args: argparse.Namespace) -> int:
+    from service.evaluate.linear import linear_eval
+
+    def progress(epoch: int, stats: dict[str, float]) -> None:
+        print(f"[linear] epoch {epoch + 1}/{args.epochs} loss {stats['train_loss']:.4f} "
+              f"lr {stats['lr']:.3g}", file=sys.stderr, flush=True)
+
+    res = linear_eval(args.checkpoint, args.train, args.val, image_size=args.image_size,
+                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
+                      num_workers=args.num_workers, output_dir=args.output_dir,
+                      device=args.device, seed=args.seed, on_epoch_end=progress,
+                      which=args.weights, crop_scale=args.crop_scale)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"linear probe on {res['n_train']} train / {res['n_val']} val images "
+              f"({res['num_classes']} classes, chance {100 / res['num_classes']:.1f}%): "
+              f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
+    if args.mlflow:
+        return _log_eval(args, {"eval_linear_top1": res["top1"], "eval_linear_top5": res["top5"]})
+    return 0
+
+
+def cmd_attention(args: argparse.Namespace) -> int:
+    from service.evaluate import attention as visualize
+
+    one_image = args.image is not None or args.procedural_index is not None
+    if not one_image and args.jaccard is None:
+        print("dino attention: give --image, --procedural-index or --jaccard N", file=sys.stderr)
+        return 2
+    if one_image and not args.out:
+        print("dino attention: --out DIR is needed to write the pictures", file=sys.stderr)
+        return 2
+    res: dict = {}
+    if one_image:
+        res = visualize.attention_pictures(args.checkpoint, args.out, args.image,
+                                           args.procedural_index, args.image_size, args.keep,
+                                           args.weights)
+    if args.jaccard is not None:
+        res["jaccard"] = visualize.jaccard_report(args.checkpoint, args.jaccard,
+                                                  args.image_size, args.keep, args.weights)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        for path in res.get("paths", []):
+            print(path)
+        if "image_jaccard" in res:
+            print("Jaccard of this image per head: "
+                  + " ".join(f"{j:.3f}" for j in res["image_jaccard"]))
+        if "jaccard" in res:
+            r = res["jaccard"]
+            print(f"mask Jaccard over {r['n']} procedural images (keep {args.keep:.0%} of the "
+                  f"attention): best head {r['best_head']} {r['best']:.3f}, mean {r['mean']:.3f}")
+            print("per head: " + " ".join(f"{j:.3f}" for j in r["per_head"]))
+    if args.mlflow:
+        metrics: dict[str, float] = {}
+        if "jaccard" in res:
+            r = res["jaccard"]
+            metrics = {"eval_jaccard_best": r["best"], "eval_jaccard_mean": r["mean"],
+                       "eval_jaccard_best_head": r["best_head"],
+                       **{f"eval_jaccard_head{i}": j for i, j in enumerate(r["per_head"])}}
+        return _log_eval(args, metrics, res.get("paths"))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from service.evaluate.backbone import export_backbone
+
+    path = export_backbone(args.checkpoint, args.out, which=args.which)
+    print(f"wrote {path}")
+    return 0

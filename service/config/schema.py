@@ -1,0 +1,235 @@
+"""The run configuration: typed sections, one line of documentation per field.
+
+The method's defaults have one home, ``dino_core``'s specs (``NetworkSpec``,
+``ScheduleSpec``, ``MultiCropSpec``); the fields here take their defaults from there and
+``service.config.specs`` builds the specs back from the sections without copying fields.
+A bad value fails on construction, naming the field and the allowed range.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from dino_core.specs import MULTICROP, NetworkSpec, ScheduleSpec
+from service.config.sources import DataSource, parse_source
+
+NET, SCHED = NetworkSpec(), ScheduleSpec()
+STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "memory")
+
+
+def url_scheme(url: str) -> str:
+    """``s3`` for ``s3://b/k``, ``file`` for local paths."""
+    return url.split("://", 1)[0].lower() if "://" in url else "file"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "resnet50"] = Field(
+        NET.arch, description="ViT-S/16 is the paper's main model (Table 2)"
+    )
+    patch_size: int = Field(NET.patch_size, ge=1, le=64, description="16 or 8 in the paper; 8 is ~4x slower")
+    depth: int | None = Field(NET.depth, ge=1, le=48, description="override of the block count")
+    drop_path_rate: float = Field(NET.drop_path_rate, ge=0.0, lt=1.0, description="stochastic depth, student")
+    out_dim: int = Field(NET.out_dim, ge=2, description="K prototypes; 65536 works best (Table 9)")
+    norm_last_layer: bool = Field(NET.norm_last_layer, description="fix prototype norms: stabilises ViT-S")
+    use_bn_in_head: bool = Field(NET.use_bn_in_head, description="BN in the head: off for ViTs")
+    head_hidden_dim: int = Field(NET.head_hidden_dim, ge=1, description="paper: 2048")
+    head_bottleneck_dim: int = Field(NET.head_bottleneck_dim, ge=1, description="paper: 256")
+    head_nlayers: int = Field(NET.head_nlayers, ge=1, le=8, description="paper: 3")
+
+
+class DataConfig(_Section):
+    path: str = Field(
+        "procedural",
+        description="image folder (local or fsspec URL) or 'procedural' for the built-in set",
+    )
+    procedural_size: int = Field(4096, ge=1, description="images in the procedural set")
+    procedural_classes: int = Field(6, ge=2, le=8, description="shape classes (chance = 1/n)")
+    procedural_image_size: int = Field(64, ge=8, description="side of generated images")
+    procedural_colourful: bool = Field(
+        True, description="random colours; false: light shapes on dark grey (quick demos)"
+    )
+    procedural_difficulty: float = Field(
+        1.0, ge=0, le=1, description="1: cluttered, rotated, any size; 0: flat, upright, centred (demos)"
+    )
+    num_workers: int = Field(2, ge=0, le=64, description="data loader processes per worker")
+    seed: int = Field(0, description="seed of the procedural set")
+
+    @property
+    def source(self) -> DataSource:
+        return parse_source(self.path)
+
+
+class AugConfig(_Section):
+    global_size: int = Field(MULTICROP.global_size, ge=8, description="global crop side (paper: 224)")
+    local_size: int = Field(MULTICROP.local_size, ge=8, description="local crop side (paper: 96)")
+    n_local: int = Field(MULTICROP.n_local, ge=0, le=64, description="local crops: 2x224 + 10x96 is Table 10's")
+    global_scale: tuple[float, float] = Field(MULTICROP.global_scale, description="RandomResizedCrop scale")
+    local_scale: tuple[float, float] = Field(MULTICROP.local_scale, description="RandomResizedCrop scale")
+    backend: Literal["auto", "per_image", "batched"] = Field(
+        "auto",
+        description="per_image: torchvision v2 in loader workers (reference semantics); "
+        "batched: whole-batch tensor ops on the training device (GPU) after decoding to a "
+        "square canvas; auto: batched",
+    )
+    canvas_size: int | None = Field(
+        None, ge=8, description="batched: decoded canvas side (default global_size * 8 / 7)"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> AugConfig:
+        for name in ("global_scale", "local_scale"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got ({lo}, {hi})")
+        if self.local_size > self.global_size:
+            raise ValueError(
+                f"local_size ({self.local_size}) must be <= global_size ({self.global_size})"
+            )
+        return self
+
+
+class LossConfig(_Section):
+    student_temp: float = Field(0.1, gt=0, description="tau_s (paper: 0.1)")
+    teacher_temp: float = Field(
+        SCHED.teacher_temp, gt=0, le=1, description="tau_t: 0.04 is safe; above 0.07 training is unstable"
+    )
+    warmup_teacher_temp: float = Field(SCHED.warmup_teacher_temp, gt=0, le=1, description="tau_t at epoch 0")
+    warmup_teacher_temp_epochs: int = Field(SCHED.warmup_teacher_temp_epochs, ge=0, description="paper: 30 when warming up")
+    center_momentum: float = Field(0.9, ge=0, lt=1, description="m of the center (paper: 0.9)")
+
+
+class OptimConfig(_Section):
+    lr: float = Field(SCHED.lr, gt=0, description="base lr at batch 256, scaled linearly")
+    min_lr: float = Field(SCHED.min_lr, ge=0, description="end of the cosine decay")
+    warmup_epochs: int = Field(SCHED.warmup_epochs, ge=0, description="linear lr warm-up (paper: 10)")
+    weight_decay: float = Field(SCHED.weight_decay, ge=0, description="start of the cosine wd schedule")
+    weight_decay_end: float = Field(SCHED.weight_decay_end, ge=0, description="end of the cosine wd schedule")
+    clip_grad: float = Field(3.0, ge=0, description="per-parameter grad norm cap; 0 = off")
+    freeze_last_layer: int = Field(1, ge=0, description="epochs with the last layer frozen")
+    momentum_teacher: float = Field(
+        SCHED.momentum_teacher, ge=0, lt=1, description="EMA base: 0.996 at batch 1024, 0.9995 at 256"
+    )
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(100, ge=1, description="paper: 100 (ViT-S) to 800")
+    batch_size: int = Field(256, ge=1, description="global batch over all workers")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
+    seed: int = Field(0, description="torch/numpy seed; each worker adds its rank")
+    checkpoint_every_epochs: int = Field(1, ge=0, description="0 disables epoch checkpoints")
+    checkpoint_every_steps: int = Field(0, ge=0, description="also every N steps; 0 = off")
+    keep_last: int = Field(3, ge=1, description="checkpoints kept in storage")
+    log_every_steps: int = Field(10, ge=1, description="metrics and progress line period")
+    max_steps: int | None = Field(None, ge=1, description="stop early (tests, smoke runs)")
+    compile: Literal["auto"] | bool = Field(
+        "auto", description="torch.compile the backbones: auto = on GPU (minutes to compile on CPU)"
+    )
+    defer_nonfinite_check: Literal["auto"] | bool = Field(
+        "auto", description="auto = on GPU: no host sync per step; a NaN step is a no-op, "
+        "noticed at the next log step"
+    )
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="stop: raise and keep the last checkpoint; skip: drop the step"
+    )
+    max_skipped_steps: int = Field(10, ge=0, description="with skip: give up after this many")
+    resume: str | None = Field(None, description="checkpoint URI to start from")
+
+
+class EvalConfig(_Section):
+    knn_every_epochs: int = Field(0, ge=0, description="k-NN on the labeled split; 0 = off")
+    train_path: str = Field("procedural", description="labeled folder/URL or 'procedural'")
+    val_path: str = Field("procedural", description="labeled folder/URL or 'procedural'")
+    procedural_train_size: int = Field(1200, ge=1, description="labeled train images")
+    procedural_val_size: int = Field(600, ge=1, description="labeled val images")
+    image_size: int = Field(224, ge=8, description="Resize + CenterCrop side")
+    knn_k: int = Field(20, ge=1, description="k of the reported k-NN (paper: 20)")
+    knn_temperature: float = Field(0.07, gt=0, description="T of the weighted vote (0.07)")
+    batch_size: int = Field(128, ge=1, description="feature extraction batch")
+
+    @property
+    def train_source(self) -> DataSource:
+        return parse_source(self.train_path)
+
+    @property
+    def val_source(self) -> DataSource:
+        return parse_source(self.val_path)
+
+
+class StorageConfig(_Section):
+    root: str = Field(
+        "runs", description="checkpoints root: local path or fsspec URL (s3://, gs://)"
+    )
+    retry_seconds: float | None = Field(
+        None, gt=0, description="how long storage may stay unreachable before a call gives up; "
+        "None: DINO_STORAGE_RETRY_SECONDS, else 300 s (rides out a storage restart)")
+    spool_dir: str | None = Field(
+        None, description="local folder where uploads wait and stay if they fail; None: "
+        "DINO_STORAGE_SPOOL_DIR, else <tmp>/dino-spool")
+
+    @field_validator("root")
+    @classmethod
+    def _check_root(cls, root: str) -> str:
+        # a field validator, so the error names storage.root, not just the section
+        scheme = url_scheme(root)
+        if scheme not in STORAGE_SCHEMES:
+            raise ValueError(
+                f"unknown storage scheme {scheme!r} in {root!r}; allowed: "
+                f"a local path or {', '.join(s + '://' for s in STORAGE_SCHEMES)}"
+            )
+        return root
+
+
+class TrackingConfig(_Section):
+    uri: str | None = Field(None, description="MLflow URI; default sqlite under storage.root")
+    experiment: str = Field("dino", description="MLflow experiment name")
+    enabled: bool = Field(True, description="log to MLflow at all")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="None: start a local Ray; 'auto' or host:port")
+    num_workers: int = Field(1, ge=1, description="data-parallel training workers")
+    use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
+    max_failures: int = Field(0, ge=-1, description="group restarts on worker failure (-1: inf)")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local Ray (default: all)")
+    verbose: bool = Field(
+        False, description="Ray's own INFO lines (a line per report, start-up banners); "
+        "`dino -v` turns them on")
+
+
+class DinoConfig(_Section):
+    run_name: str = Field(
+        "dino", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="same name = resume"
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    aug: AugConfig = Field(default_factory=AugConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> DinoConfig:
+        batch, workers = self.train.batch_size, self.ray.num_workers
+        if batch % workers:
+            below, above = batch // workers * workers, (batch // workers + 1) * workers
+            nearest = f"{below} or {above}" if below else f"{above}"
+            raise ValueError(
+                f"train.batch_size ({batch}) must be divisible by ray.num_workers ({workers}); "
+                f"nearest allowed: {nearest}"
+            )
+        return self
+
+

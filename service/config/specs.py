@@ -1,0 +1,44 @@
+"""``dino_core``'s specs built from the config sections, field names shared, no copies.
+
+A section's fields that a spec also has go across by name; a spec field the section lacks
+(``NetworkSpec.img_size``, taken from the global crop) is passed explicitly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any
+
+from pydantic import BaseModel
+
+from dino_core.specs import MultiCropSpec, NetworkSpec, ScheduleSpec
+from service.config.schema import DinoConfig
+
+
+def _shared(spec: type, *sections: BaseModel) -> dict[str, Any]:
+    names = {f.name for f in fields(spec)}
+    out: dict[str, Any] = {}
+    for section in sections:
+        out |= {k: v for k, v in section.model_dump().items() if k in names}
+    return out
+
+
+def network_spec(cfg: DinoConfig) -> NetworkSpec:
+    return NetworkSpec(img_size=cfg.aug.global_size, **_shared(NetworkSpec, cfg.model))
+
+
+def schedule_spec(cfg: DinoConfig) -> ScheduleSpec:
+    return ScheduleSpec(**_shared(ScheduleSpec, cfg.optim, cfg.loss))
+
+
+def multicrop_spec(cfg: DinoConfig) -> MultiCropSpec:
+    shared = _shared(MultiCropSpec, cfg.aug)
+    shared["global_scale"], shared["local_scale"] = (tuple(shared["global_scale"]),
+                                                     tuple(shared["local_scale"]))
+    return MultiCropSpec(**shared)
+
+
+def backbone_meta(cfg: DinoConfig) -> dict[str, Any]:
+    """What ``dino_core.export`` stores beside the weights to rebuild the backbone."""
+    return {"arch": cfg.model.arch, "patch_size": cfg.model.patch_size,
+            "depth": cfg.model.depth, "img_size": cfg.aug.global_size}

@@ -1,0 +1,116 @@
+"""The datasets of a run: the training images (procedural set, local folder or fsspec URL)
+with their augmentation, and the labeled evaluation splits."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict
+
+from torch.utils.data import Dataset
+
+from dino_core.augment import MultiCropAugmentation, eval_transform
+from dino_core.augment_batched import BatchedMultiCrop, ToCanvas
+from dino_core.data.folder import ImageFolder
+from dino_core.data.procedural import ProceduralShapes
+from service.config import (
+    DataSource,
+    DinoConfig,
+    FolderSource,
+    ProceduralSource,
+    UrlSource,
+    multicrop_spec,
+)
+from service.data.remote import RemoteImageFolder
+from service.errors import DataError
+
+# eval splits are other seeds of the same generator, so they never repeat training images
+EVAL_TRAIN_SEED_OFFSET, EVAL_VAL_SEED_OFFSET = 1000, 2000
+
+
+def open_images(source: DataSource, transform: Callable, size: int, seed: int,
+                cfg: DinoConfig, size_hint: int | None = None) -> Dataset:
+    """The images of ``source``; for the procedural set, ``size`` images of ``seed``.
+
+    ``size_hint``: the smallest side the transform needs; large JPEGs are decoded at a
+    reduced scale that keeps both sides at least this long (see ``load_rgb``)."""
+    match source:
+        case ProceduralSource():
+            d = cfg.data
+            return ProceduralShapes(size, d.procedural_image_size, d.procedural_classes, seed,
+                                    transform, difficulty=d.procedural_difficulty,
+                                    colourful=d.procedural_colourful)
+        case UrlSource(url):
+            return RemoteImageFolder(url, transform, size_hint)
+        case FolderSource(path):
+            return ImageFolder(path, transform=transform, size_hint=size_hint)
+    raise TypeError(f"unknown data source {source!r}")
+
+
+def batched(cfg: DinoConfig) -> bool:
+    return cfg.aug.backend in ("auto", "batched")
+
+
+def canvas_size(cfg: DinoConfig) -> int:
+    return cfg.aug.canvas_size or round(cfg.aug.global_size * 8 / 7)
+
+
+def decode_size_hint(cfg: DinoConfig) -> int:
+    """The shortest image side at which no training crop is upsampled.
+
+    Batched: the canvas side (the shorter side is resized to it). Per-image: a
+    ``RandomResizedCrop`` of ``size`` px at the smallest scale ``s`` and the narrowest aspect
+    ratio (3/4, torchvision's default) spans ``sqrt(s * 3/4)`` of a square image's side, so
+    the side must be ``size / sqrt(s * 3/4)``: 496 px for the paper's 96 px local crops at
+    scale 0.05, which lets a 6000x4000 JPEG decode at 1/8 scale (750x500).
+    """
+    a = cfg.aug
+    if batched(cfg):
+        return canvas_size(cfg)
+    return max(math.ceil(size / math.sqrt(scale * 3 / 4))
+               for size, scale in ((a.global_size, a.global_scale[0]),
+                                   (a.local_size, a.local_scale[0])))
+
+
+def train_dataset(cfg: DinoConfig) -> Dataset:
+    """Per-image backend: items are lists of crops. Batched backend: items are uint8
+    canvases, cropped on the device by ``batched_augmentation``."""
+    if batched(cfg):
+        tf: Callable = ToCanvas(canvas_size(cfg))
+    else:
+        tf = MultiCropAugmentation(**asdict(multicrop_spec(cfg)))
+    d = cfg.data
+    return open_images(d.source, tf, d.procedural_size, d.seed, cfg,
+                       size_hint=decode_size_hint(cfg))
+
+
+def batched_augmentation(cfg: DinoConfig) -> BatchedMultiCrop | None:
+    if not batched(cfg):
+        return None
+    return BatchedMultiCrop(**asdict(multicrop_spec(cfg)))
+
+
+def eval_datasets(cfg: DinoConfig) -> tuple[Dataset, Dataset]:
+    """The labeled (train, val) splits for k-NN, with Resize + CenterCrop."""
+    e, d = cfg.eval, cfg.data
+    tf = eval_transform(e.image_size)
+    hint = int(e.image_size * 256 / 224)  # eval_transform's resize of the shorter side
+    train = open_images(e.train_source, tf, e.procedural_train_size,
+                        d.seed + EVAL_TRAIN_SEED_OFFSET, cfg, size_hint=hint)
+    val = open_images(e.val_source, tf, e.procedural_val_size, d.seed + EVAL_VAL_SEED_OFFSET,
+                      cfg, size_hint=hint)
+    return train, val
+
+
+def num_classes(*splits: Dataset) -> int:
+    """Classes of labeled splits (procedural sets and image folders both list ``classes``).
+
+    Raises:
+        DataError: a split has no classes (no class sub-folders).
+    """
+    counts = [len(getattr(ds, "classes", []) or []) for ds in splits]
+    if min(counts) == 0:
+        raise DataError("a labeled split needs one sub-folder per class")
+    return max(counts)
+
+

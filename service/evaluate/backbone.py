@@ -1,0 +1,86 @@
+"""Backbones of checkpoints, run folders and exported files, and their export: the storage
+layer around ``dino_core.export``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+
+from dino_core.export import backbone_state_from_checkpoint, save_backbone
+from dino_core.export import load_backbone as load_backbone_file
+from dino_core.models.backbone import build_backbone
+from service import storage
+from service.config import DinoConfig
+from service.errors import CheckpointError
+from service.storage import checkpoints as ckpt
+
+WEIGHTS = ("teacher", "student", "random")
+
+
+def load_backbone(uri: str, which: str = "teacher") -> tuple[nn.Module, DinoConfig | None]:
+    """The backbone of a checkpoint directory/URL, of a run folder (its newest complete
+    checkpoint) or of an exported ``.safetensors`` file.
+
+    ``which``: the checkpoint's ``teacher`` or ``student``, or ``random``: the same
+    architecture freshly initialised (seeded by the run's ``train.seed``), the baseline a
+    pretrained backbone is judged against.
+    """
+    if which not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, got {which!r}")
+    if uri.endswith(".safetensors"):
+        if which != "teacher":
+            raise ValueError(f"an exported backbone holds only its own weights, not {which!r}")
+        local = uri
+        if not storage.is_local(uri):
+            local = str(storage.download_file(uri, Path(tempfile.mkdtemp()) / "b.safetensors"))
+        return load_backbone_file(local.removeprefix("file://")), None
+    state = ckpt.load_checkpoint(ckpt.resolve(uri))
+    cfg = DinoConfig.model_validate(state["config"])
+    meta = state["backbone_meta"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = build_backbone(meta["arch"], meta["patch_size"], meta["img_size"],
+                               depth=meta["depth"])
+    if which != "random":
+        model.load_state_dict(backbone_state_from_checkpoint(state, which), strict=True)
+    return model.eval(), cfg
+
+
+def export_backbone(checkpoint_uri: str, out: str, which: str = "teacher") -> str:
+    state = ckpt.load_checkpoint(ckpt.resolve(checkpoint_uri))
+    weights = backbone_state_from_checkpoint(state, which)
+    if storage.is_local(out):
+        save_backbone(out.removeprefix("file://"), weights, state["backbone_meta"])
+        return out
+    with tempfile.TemporaryDirectory() as d:
+        local = save_backbone(Path(d) / "backbone.safetensors", weights, state["backbone_meta"])
+        fs, path = storage.get_fs(out)
+        storage.with_retries(lambda: fs.put(str(local), path), f"upload of {out}")
+    return out
+
+
+def checkpoint_config(uri: str) -> DinoConfig | None:
+    """The run config saved beside a checkpoint (``config.yaml``); None for a backbone file."""
+    if uri.endswith(".safetensors"):
+        return None
+    uri = ckpt.resolve(uri)
+    fs, path = storage.get_fs(storage.join(uri, "config.yaml"))
+    blob = storage.with_retries(lambda: fs.cat_file(path), f"read of {uri}/config.yaml")
+    return DinoConfig.model_validate(yaml.safe_load(blob))
+
+
+def checkpoint_step(uri: str) -> int:
+    """Global step of a checkpoint directory (from its manifest); 0 for a backbone file."""
+    if uri.endswith(".safetensors"):
+        return 0
+    try:
+        uri = ckpt.resolve(uri)
+        fs, path = storage.get_fs(storage.join(uri, ckpt.MANIFEST))
+        return int(json.loads(fs.cat_file(path)).get("global_step") or 0)
+    except (OSError, ValueError, CheckpointError):
+        return 0

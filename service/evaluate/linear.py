@@ -1,0 +1,54 @@
+"""Linear probe of a frozen backbone (``dino_core.eval.linear``) on labeled splits."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dino_core.eval.linear import linear_train_transform, train_linear
+from service import data, storage
+from service.evaluate.backbone import load_backbone
+from service.evaluate.knn import labeled_split
+
+
+def linear_eval(checkpoint: str, train_path: str, val_path: str, image_size: int = 224,
+                epochs: int = 100, lr: float = 0.001, batch_size: int = 256,
+                n_last_blocks: int = 4, avgpool: bool = False, num_workers: int = 2,
+                output_dir: str | None = None, device: str | None = None, seed: int = 0,
+                on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+                which: str = "teacher", crop_scale: float = 0.08) -> dict[str, Any]:
+    """Linear probe of the teacher backbone (``dino_core.eval.linear.train_linear``) on
+    RandomResizedCrop + flip train views, scored on Resize + CenterCrop val views.
+
+    ``output_dir`` (local) receives ``linear_probe.pt`` after every epoch (a rerun with the same
+    directory resumes) and ``linear_results.json`` at the end.
+    """
+    if not 0 < crop_scale <= 1:
+        raise ValueError(f"crop_scale must be in (0, 1], got {crop_scale}")
+    if output_dir is not None and not storage.is_local(output_dir):
+        raise ValueError(f"--output-dir must be a local directory, got {output_dir}")
+    model, cfg = load_backbone(checkpoint, which)
+    train_ds = labeled_split(train_path, image_size, cfg, True,
+                             linear_train_transform(image_size, scale=(crop_scale, 1.0)))
+    val_ds = labeled_split(val_path, image_size, cfg, False)
+    num_classes = data.num_classes(train_ds, val_ds)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(output_dir.removeprefix("file://")) if output_dir else None
+    res = train_linear(model, train_ds, val_ds, epochs=epochs, lr=lr, batch_size=batch_size,
+                       n_last_blocks=n_last_blocks, avgpool=avgpool, num_classes=num_classes,
+                       device=device, checkpoint_path=out / "linear_probe.pt" if out else None,
+                       num_workers=num_workers, seed=seed, on_epoch_end=on_epoch_end)
+    res.pop("classifier")
+    if math.isnan(res["train_loss"]):  # nothing left to train: JSON has no NaN
+        res["train_loss"] = None
+    res.update(n_train=len(train_ds), n_last_blocks=n_last_blocks, avgpool=avgpool, lr=lr,
+               crop_scale=crop_scale,
+               batch_size=batch_size, image_size=image_size)
+    if out is not None:
+        (out / "linear_results.json").write_text(json.dumps(res, indent=1))
+    return res

@@ -1,0 +1,181 @@
+"""Checkpoint directories: write, then commit; verify on load; fall back if damaged.
+
+A checkpoint is a directory with ``state.pt`` (everything needed to continue exactly),
+``config.yaml`` (the resolved config) and ``manifest.json`` (size and SHA-256 of each file,
+epoch and step). The manifest is written last, so a directory without one was never finished
+and is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.errors import CheckpointError, StorageError
+from service.storage import fs as storage
+from service.storage.retry import spool_dir, with_retries
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+STATE = "state.pt"
+CHECKPOINT_PREFIX = "checkpoint_"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+FORMAT_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checkpoint(directory: str | Path, state: dict[str, Any], config_yaml: str) -> Path:
+    """Writes ``state`` and the config, then the manifest that commits them."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    torch.save(state, d / STATE)
+    (d / "config.yaml").write_text(config_yaml)
+    files = {
+        name: {"size": (d / name).stat().st_size, "sha256": _sha256(d / name)}
+        for name in (STATE, "config.yaml")
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "epoch": state.get("epoch"),
+        "global_step": state.get("global_step"),
+        "files": files,
+    }
+    tmp = d / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.rename(d / MANIFEST)
+    return d
+
+
+def verify(directory: str | Path) -> dict[str, Any]:
+    """Checks the manifest against the files; returns the manifest."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"{d}: no such checkpoint directory")
+    if not (d / MANIFEST).is_file():
+        raise CheckpointError(f"{d}: no {MANIFEST} (the checkpoint was never completed)")
+    manifest = json.loads((d / MANIFEST).read_text())
+    for name, rec in manifest["files"].items():
+        f = d / name
+        if not f.is_file():
+            raise CheckpointError(f"{d}: {name} is missing")
+        if f.stat().st_size != rec["size"]:
+            raise CheckpointError(
+                f"{d}: {name} has {f.stat().st_size} bytes, the manifest says {rec['size']}"
+            )
+        if _sha256(f) != rec["sha256"]:
+            raise CheckpointError(f"{d}: {name} does not match its SHA-256")
+    return manifest
+
+
+def load_checkpoint(uri: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Loads a verified checkpoint from a local directory or a storage URL."""
+    local = storage.download_dir(str(uri))
+    verify(local)
+    with open(local / STATE, "rb") as f:
+        return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)
+
+
+def load_latest_valid(
+    candidates: list[str], map_location: str | torch.device = "cpu"
+) -> tuple[str, dict[str, Any]] | None:
+    """Loads the newest loadable checkpoint of ``candidates`` (oldest first), warning about
+    each damaged one it skips."""
+    for uri in reversed(candidates):
+        try:
+            return uri, load_checkpoint(uri, map_location)
+        except (CheckpointError, StorageError, EOFError, RuntimeError) as err:
+            log.warning("skipping damaged checkpoint %s: %s", uri, err)
+    return None
+
+
+def checkpoint_dirs(run_url: str) -> list[str]:
+    """``checkpoint_*`` directories of a run, oldest first (names sort by time). Only
+    directories: Ray's ``checkpoint_manager_snapshot.json`` beside them is no checkpoint."""
+    return [u for u in storage.list_dirs(run_url)
+            if u.rstrip("/").split("/")[-1].startswith(CHECKPOINT_PREFIX)]
+
+
+def _read(url: str) -> bytes | None:
+    """The bytes of the file at ``url``, None if there is none (retried through outages)."""
+    fs, path = storage.get_fs(url)
+    try:
+        return with_retries(lambda: fs.cat_file(path), f"read of {url}", url=url)
+    except StorageError as err:
+        if isinstance(err.__cause__, FileNotFoundError | IsADirectoryError):
+            return None
+        raise
+
+
+def is_checkpoint(uri: str) -> bool:
+    """Whether ``uri`` is a checkpoint directory (it has a manifest; complete or not)."""
+    fs, path = storage.get_fs(storage.join(uri, MANIFEST))
+    return bool(fs.exists(path))
+
+
+def resolve(uri: str) -> str:
+    """The checkpoint meant by ``uri``: a checkpoint directory as it is, or the newest
+    complete checkpoint of a run folder (``<storage.root>/<run_name>``, local or URL).
+
+    Raises:
+        CheckpointError: ``uri`` is Ray's snapshot file, or neither a checkpoint nor a run
+            folder with a complete checkpoint; the message says which.
+    """
+    uri = str(uri).rstrip("/")
+    name = uri.split("/")[-1]
+    if name == RAY_SNAPSHOT:
+        raise CheckpointError(
+            f"{uri} is Ray's record of the run, not a checkpoint; give the run folder "
+            f"({uri.rsplit('/', 1)[0]}) or one of its {CHECKPOINT_PREFIX}* directories")
+    fs, path = storage.get_fs(uri)
+    if not fs.exists(path):
+        raise CheckpointError(f"{uri}: no such checkpoint or run folder")
+    if not fs.isdir(path):
+        raise CheckpointError(f"{uri} is a file, not a checkpoint directory or run folder")
+    if is_checkpoint(uri):
+        return uri
+    candidates = checkpoint_dirs(uri)
+    for candidate in reversed(candidates):
+        try:
+            verify_uri(candidate)
+            return candidate
+        except CheckpointError as err:
+            log.warning("skipping damaged checkpoint %s: %s", candidate, err)
+    if candidates:
+        raise CheckpointError(f"{uri}: none of its {len(candidates)} checkpoints is complete")
+    raise CheckpointError(f"{uri} holds no checkpoint: no {MANIFEST} (a checkpoint that was "
+                          f"never completed) and no {CHECKPOINT_PREFIX}* directories (a run "
+                          f"folder)")
+
+
+def verify_uri(uri: str) -> dict[str, Any]:
+    """``verify`` for a local directory or a storage URL (downloaded first)."""
+    return verify(storage.download_dir(uri))
+
+
+def kept_locally(storage_url: str) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Checkpoint directories under ``storage_url`` that never reached storage and are kept in
+    this machine's spool (see ``service.storage``), each with its manifest (None if the copy is
+    incomplete), oldest first."""
+    _, path = storage.get_fs(storage_url)
+    base = spool_dir() / "kept" / path.lstrip("/")
+    out: list[tuple[Path, dict[str, Any] | None]] = []
+    for d in sorted(p.parent for p in base.rglob("*") if p.is_file()) if base.is_dir() else []:
+        if d.name.startswith("checkpoint_") and all(d != o for o, _ in out):
+            try:
+                out.append((d, verify(d)))
+            except (CheckpointError, OSError, ValueError):
+                out.append((d, None))
+    return out

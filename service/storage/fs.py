@@ -1,0 +1,113 @@
+"""Object storage through fsspec: local paths, s3:// (s3fs, honours AWS_ENDPOINT_URL and the
+usual AWS variables), gs:// (gcsfs). Every remote call is retried through outages
+(``service.storage.retry``); a failed upload keeps its local copy and names it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from service.errors import StorageError
+from service.storage.retry import spool_dir, with_retries
+
+log = logging.getLogger(__name__)
+
+
+def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and the path inside it (``s3://b/k`` -> (S3FileSystem, 'b/k'))."""
+    if url.startswith("s3://"):
+        # s3fs caches listings per instance; a fresh one sees what other processes wrote
+        return url_to_fs(url, skip_instance_cache=True, use_listings_cache=False)
+    return url_to_fs(url)
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def with_scheme(path: str, like: str) -> str:
+    """``bucket/key`` -> ``s3://bucket/key`` when ``like`` is an s3:// URL (Ray reports
+    checkpoint paths inside the filesystem, without the scheme)."""
+    if "://" in path or "://" not in like:
+        return path
+    return like.split("://", 1)[0] + "://" + path.lstrip("/")
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def upload_file(local_path: str | Path, url: str) -> None:
+    """Copies a local file to ``url``, retried through an outage; if storage does not come
+    back, a copy is kept under ``<spool>/kept/<its storage path>`` and the StorageError names
+    it (the caller's file may be in a temporary directory)."""
+    fs, path = get_fs(url)
+    try:
+        with_retries(lambda: fs.put_file(str(local_path), path), f"upload of {local_path}",
+                     url=url)
+    except StorageError as err:
+        kept = spool_dir() / "kept" / path.lstrip("/")
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local_path, kept)
+        log.error("upload of %s failed; the local copy is kept at %s", url, kept)
+        raise StorageError(f"{err}; the local copy is kept at {kept}") from err
+
+
+def upload_dir(local_dir: str | Path, url: str, attempts: int | None = None,
+               base_delay: float = 1.0) -> None:
+    """Copies a local directory to ``url`` (retried); the local directory is left in place."""
+    fs, path = get_fs(url)
+
+    def put() -> None:
+        fs.put(str(local_dir).rstrip("/") + "/", path, recursive=True)
+
+    with_retries(put, f"upload of {local_dir} to {url}", attempts, base_delay, url)
+
+
+def download_dir(url: str, local_dir: str | Path | None = None) -> Path:
+    """Copies ``url`` (a directory) to a local directory and returns it."""
+    if is_local(url):
+        return Path(url.removeprefix("file://"))
+    target = Path(local_dir or tempfile.mkdtemp(prefix="dino-dl-"))
+    fs, path = get_fs(url)
+
+    def get() -> None:
+        fs.get(path.rstrip("/") + "/", str(target).rstrip("/") + "/", recursive=True)
+
+    with_retries(get, f"download of {url}", url=url)
+    return target
+
+
+def download_file(url: str, local_path: str | Path) -> Path:
+    if is_local(url):
+        shutil.copyfile(url.removeprefix("file://"), local_path)
+    else:
+        fs, path = get_fs(url)
+        with_retries(lambda: fs.get(path, str(local_path)), f"download of {url}", url=url)
+    return Path(local_path)
+
+
+def list_dirs(url: str) -> list[str]:
+    """Immediate sub-directories of ``url`` as full URLs, sorted; [] if it does not exist."""
+    fs, path = get_fs(url)
+    if not fs.exists(path):
+        return []
+    prefix = url.split("://", 1)[0] + "://" if "://" in url else ""
+    entries = fs.ls(path, detail=True)
+    return sorted(prefix + e["name"] for e in entries if e["type"] == "directory")
+
+
+def exists(url: str) -> bool:
+    fs, path = get_fs(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    if is_local(url):
+        os.makedirs(url.removeprefix("file://"), exist_ok=True)

@@ -1,0 +1,45 @@
+"""The search space of a sweep: ``grid:a,b`` | ``choice:a,b`` | ``uniform:lo,hi`` |
+``loguniform:lo,hi`` per config key, every value checked against the config before Ray
+starts."""
+
+from __future__ import annotations
+
+from service.config import ConfigError, DinoConfig, apply_overrides, validate
+
+DEFAULT_SPACE = {
+    "loss.teacher_temp": "grid:0.04,0.07",
+    "optim.momentum_teacher": "grid:0.99,0.996",
+}
+
+
+def parse_domain(key: str, spec: str):
+    """``grid:a,b`` | ``choice:a,b`` | ``uniform:lo,hi`` | ``loguniform:lo,hi``."""
+    import yaml
+    from ray import tune
+
+    kind, _, values = spec.partition(":")
+    items = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
+    if kind == "grid" and items:
+        return tune.grid_search(items)
+    if kind == "choice" and items:
+        return tune.choice(items)
+    if kind in ("uniform", "loguniform") and len(items) == 2:
+        lo, hi = (float(v) for v in items)
+        if kind == "loguniform" and lo <= 0:
+            raise ConfigError(f"{key}: loguniform needs a positive lower bound, got {lo}")
+        return (tune.uniform if kind == "uniform" else tune.loguniform)(lo, hi)
+    raise ConfigError(
+        f"{key}: search space {spec!r} not understood; use grid:a,b | choice:a,b | "
+        "uniform:lo,hi | loguniform:lo,hi"
+    )
+
+
+def check_space(base: DinoConfig, space: dict[str, str]) -> None:
+    """Every swept key and every grid value must make a valid config, before Ray starts."""
+    for key, spec in space.items():
+        kind, _, values = spec.partition(":")
+        probes = values.split(",") if kind in ("grid", "choice") else values.split(",")[:2]
+        for v in probes:
+            data = apply_overrides(base.model_dump(mode="json"), [f"{key}={v}"])
+            validate(data)
+        parse_domain(key, spec)

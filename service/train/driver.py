@@ -1,0 +1,163 @@
+"""The driver of a training run: Ray, storage and tracking around ``service.train.worker``.
+
+Everything that can be wrong with the config is checked before Ray is started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from service import storage
+from service.cluster.env import job_env
+from service.config import DinoConfig, flatten, resolve_paths
+from service.storage import checkpoints as ckpt
+from service.storage.arrow import pyarrow_fs
+from service.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri, git_revision
+from service.train.worker import RunInfo, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_url: str
+    checkpoint: str | None
+    metrics: dict[str, Any]
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+    backbone: str
+
+
+def init_ray(cfg: DinoConfig, extra_resources: dict[str, float] | None = None) -> None:
+    """A local Ray in this process by default, or the cluster at ``ray.address``.
+
+    ``extra_resources`` are custom resources of the local Ray (a cluster declares its own in
+    ``ray start --resources``)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.ray.address:
+        ray.init(address=cfg.ray.address, log_to_driver=True)
+    else:
+        # address="local" never joins a cluster another process left behind; the dashboard
+        # process hosts the State API that Ray Train's controller polls
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, resources=extra_resources,
+                 include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None,
+                 log_to_driver=True, configure_logging=False)
+
+
+def tracking_for(cfg: DinoConfig) -> tuple[str | None, str | None]:
+    if not cfg.tracking.enabled:
+        return None, None
+    if cfg.tracking.uri:
+        return cfg.tracking.uri, None
+    return default_tracking_uri(cfg.storage.root)
+
+
+def storage_kwargs(root: str) -> dict[str, Any]:
+    """RunConfig storage arguments. Remote URLs go through the same fsspec filesystem as the
+    rest of the service (s3fs honours AWS_ENDPOINT_URL and the AWS variables), wrapped for
+    pyarrow (pyarrow's own S3 client failed multipart uploads against S3-compatible servers)
+    by a handler that rides out storage outages: Ray's checkpoint uploads, its snapshot writes
+    and restores are retried for up to ``storage.retry_seconds``, and a checkpoint that
+    never got through is kept on local disk (``service.storage.arrow.RetryingFSHandler``)."""
+    if storage.is_local(root):
+        return {"storage_path": root.removeprefix("file://")}
+    fs, path = pyarrow_fs(root)
+    return {"storage_path": path, "storage_filesystem": fs}
+
+
+def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1
+    # the same rule as job submission: storage and MLflow settings, never credentials (the
+    # cluster's nodes have their own); runtime envs are readable by anyone with the dashboard
+    env = job_env(os.environ)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": asdict(info)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
+            resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            # Ray Train's INFO lines ("Reporting training result N: ...") beside our own
+            # progress line are noise unless asked for
+            logging_config=ray.train.LoggingConfig(
+                log_level="INFO" if cfg.ray.verbose else "WARNING"),
+            callbacks=callbacks or [],
+            worker_runtime_env={"env_vars": env} if cfg.ray.address else None,
+            **storage_kwargs(cfg.storage.root),
+        ),
+    )
+
+
+def start_tracking(cfg: DinoConfig, parent_run_id: str | None = None,
+                   extra_tags: dict[str, str] | None = None) -> Tracker:
+    """The run's MLflow run (found by name, or created), or a ``NullTracker`` when tracking
+    is off."""
+    uri, artifacts = tracking_for(cfg)
+    if uri is None:
+        return NullTracker()
+    tags = {"git_revision": git_revision(), "world_size": str(cfg.ray.num_workers),
+            **(extra_tags or {})}
+    tracker = MLflowTracker.start(uri, cfg.tracking.experiment, cfg.run_name, artifacts, tags,
+                            parent_run_id)
+    tracker.log_params(flatten(cfg))
+    return tracker
+
+
+def storage_failure(root: str, run_url: str, err: BaseException) -> storage.StorageError:
+    """One message for a run stopped by a storage outage: which storage, and where the
+    checkpoints that never reached it are (found here for a local Ray; on a cluster they are
+    in the same folder on rank 0's node)."""
+    kept = ckpt.kept_locally(run_url)
+    lines = [f"storage {root} stayed unreachable for longer than {storage.GAVE_UP}="
+             f"{storage.retry_seconds():g} s; the run stopped."]
+    for d, manifest in kept:
+        what = (f"epoch {manifest['epoch']} step {manifest['global_step']}, complete"
+                if manifest else "incomplete")
+        lines.append(f"  not uploaded, kept on local disk: {d} ({what})")
+    if not kept:
+        lines.append(f"  checkpoints that did not get through are kept under "
+                     f"{storage.spool_dir() / 'kept'} on the node of rank 0")
+    cause = next((ln for ln in str(err).splitlines() if storage.GAVE_UP in ln), "")
+    return storage.StorageError("\n".join([*lines, f"  cause: {cause.strip()[:1000]}"]))
+
+
+def train(cfg: DinoConfig) -> TrainResult:
+    """Runs (or resumes) ``cfg.run_name`` to the end and returns where everything is."""
+    cfg = resolve_paths(cfg)
+    storage.configure(cfg.storage.retry_seconds, cfg.storage.spool_dir)
+    storage.makedirs(cfg.storage.root)
+    run_url = storage.join(cfg.storage.root, cfg.run_name)
+    tracker = start_tracking(cfg)
+    info = RunInfo(run_url=run_url, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
+    init_ray(cfg)
+    try:
+        result = build_trainer(cfg, info).fit()
+    except BaseException as err:
+        tracker.end("FAILED")
+        if storage.GAVE_UP in str(err):  # a StorageError of a worker or Ray's controller
+            raise storage_failure(cfg.storage.root, run_url, err) from err
+        raise
+    tracker.end("FINISHED")
+    return TrainResult(
+        run_name=cfg.run_name, run_url=run_url,
+        checkpoint=storage.with_scheme(result.checkpoint.path, run_url) if result.checkpoint else None,
+        metrics=dict(result.metrics or {}),
+        tracking_uri=info.tracking_uri, mlflow_run_id=info.mlflow_run_id,
+        backbone=storage.join(run_url, "teacher_backbone.safetensors"),
+    )

@@ -1,0 +1,202 @@
+"""The training loop of one rank, the same under Ray Train and in this process.
+
+It reads like DINO v1's ``train_one_epoch`` plus the service's policies: for each batch,
+augment, step, then ask the cadence whether to log or checkpoint; at the end of an epoch,
+evaluate and report. Everything distributed comes from the ``RunContext``; everything
+tracked goes to a ``Tracker`` (a ``NullTracker`` on ranks > 0).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from dino_core import NonFiniteLossError, train_step
+from dino_core.export import backbone_state_from_checkpoint, save_backbone
+from service import data, storage
+from service.config import DinoConfig, backbone_meta, to_yaml
+from service.storage import checkpoints as ckpt
+from service.tracking import Tracker
+from service.train.collectives import any_rank, sum_over_ranks
+from service.train.context import RunContext
+from service.train.evaluation import knn_on_rank0
+from service.train.policies import Cadence, FaultInjector, NonFiniteGuard
+from service.train.progress import Progress, say
+from service.train.state import TrainState, seed_everything
+
+BACKBONE_FILE = "teacher_backbone.safetensors"
+
+
+class Loop:
+    """Builds the state of one rank (restoring the run's newest checkpoint) and trains it."""
+
+    def __init__(self, cfg: DinoConfig, ctx: RunContext, run_url: str, tracker: Tracker,
+                 faults: FaultInjector | None = None) -> None:
+        self.cfg, self.ctx, self.run_url, self.tracker = cfg, ctx, run_url, tracker
+        seed_everything(cfg.train.seed, ctx.rank)
+        self.dataset = data.train_dataset(cfg)
+        self.augment = data.batched_augmentation(cfg)
+        niter = data.steps_per_epoch(len(self.dataset), cfg, ctx.world_size)
+        self.state = s = TrainState(cfg, ctx, niter)
+        self.restored_from = s.restore(run_url, ctx)
+        s.compile()
+        self.model = ctx.wrap_model(s.student)  # only after restoring into the plain module
+        self.cadence = Cadence(cfg, niter)
+        self.guard = NonFiniteGuard(cfg, s.defer_check, ctx.device, self._stopped, self._say)
+        self.guard.skipped = s.skipped_steps
+        self.faults = faults or FaultInjector.from_env()
+        self.progress = Progress(ctx.world_size)
+        self.skipped_images = 0
+        self.last_metrics: dict[str, float] = {}
+
+    # ---- the loop ----------------------------------------------------------------------
+    def run(self) -> None:
+        s = self.state
+        if s.global_step >= s.total_steps:
+            self._say(f"[dino] run already complete at step {s.global_step}")
+            self.finish()
+            return
+        say(f"[dino] worker rank {self.ctx.rank}/{self.ctx.world_size} pid {os.getpid()} "
+            f"on {self.ctx.device}")
+        while not s.finished:
+            self.run_epoch()
+            self.end_epoch()
+        self.finish()
+
+    def run_epoch(self) -> None:
+        s = self.state
+        for batch, labels, n_skipped in self.epoch_batches():
+            self.skipped_images += n_skipped
+            if any_rank(labels.numel() == 0, self.ctx.world_size, self.ctx.device):
+                # every image of the batch was unreadable: no step, on every rank alike (DDP's
+                # all-reduces must pair up)
+                s.global_step += 1
+                s.batch_in_epoch += 1
+                continue
+            self.step(batch)
+            if s.global_step >= s.total_steps:
+                break
+            if self.cadence.step_checkpoint_due(s.global_step, s.batch_in_epoch):
+                self.guard.check()  # never checkpoint past an unnoticed bad step
+                loss = {k: v for k, v in self.last_metrics.items() if k == "loss"}
+                self.report({"epoch": s.epoch, "step": s.global_step, **loss}, checkpoint=True)
+        self.guard.check()
+
+    def epoch_batches(self) -> Iterator[tuple[Any, torch.Tensor, int]]:
+        """This rank's batches of the current epoch from where the state is. Seeds depend on
+        (seed, rank, epoch, batch), so a run resumed at an epoch boundary sees exactly the
+        crops, drop-path masks and augmentations of an uninterrupted one."""
+        s, t, rank = self.state, self.cfg.train, self.ctx.rank
+        seed_everything(t.seed, rank, s.epoch, s.batch_in_epoch)
+        loader = data.train_loader(self.dataset, self.cfg, rank, self.ctx.world_size, s.epoch,
+                                   s.batch_in_epoch, self.ctx.device.type == "cuda")
+        # the batched augmentation draws from its own generator, seeded like the loader's
+        self.aug_gen = torch.Generator().manual_seed(int(np.random.default_rng(
+            (t.seed, rank, s.epoch, s.batch_in_epoch, 7)).integers(2**62)))
+        self.progress.new_window()
+        yield from loader
+
+    def step(self, batch: Any) -> None:
+        s, device = self.state, self.ctx.device
+        if self.augment is not None:
+            crops = self.augment(batch.to(device, non_blocking=True), self.aug_gen)
+        else:
+            crops = [c.to(device, non_blocking=True) for c in batch]
+        crops = self.faults.crops(crops, s.global_step)
+        values = s.sched.at(s.global_step)
+        out = None
+        try:
+            out = train_step(
+                student=self.model, teacher=s.teacher, loss_fn=s.loss_fn,
+                optimizer=s.optimizer, crops=crops, values=values, step=s.global_step,
+                freeze_last_layer=s.epoch < self.cfg.optim.freeze_last_layer,
+                ema_params=s.ema_params, cfg=s.step_cfg, scaler=s.scaler,
+                clip_module=s.student,
+            )
+            self.guard.record(out, s.global_step)
+        except NonFiniteLossError as err:
+            self.guard.failed(err)
+        s.global_step += 1
+        s.batch_in_epoch += 1
+        s.skipped_steps = self.guard.skipped
+        self.progress.step_done(len(crops[0]))
+        log_due = self.cadence.log_due(s.global_step)
+        if log_due or s.global_step >= s.total_steps:
+            self.guard.check()
+        if out is not None and log_due and (not s.defer_check or bool(out.finite)):
+            self.log({"loss": out.loss, **values, **{k: float(v) for k, v in out.stats.items()},
+                      "images_per_sec": self.progress.images_per_sec(), "epoch": s.epoch,
+                      "skipped_images": self.skipped_images, "nonfinite_steps": s.skipped_steps})
+            self.progress.new_window()
+
+    def end_epoch(self) -> None:
+        s = self.state
+        epoch_done = s.batch_in_epoch >= s.niter_per_ep
+        if epoch_done:
+            s.epoch += 1
+            s.batch_in_epoch = 0
+        metrics: dict[str, Any] = {"epoch": s.epoch, "step": s.global_step}
+        if "loss" in self.last_metrics:
+            metrics["loss"] = self.last_metrics["loss"]
+            metrics["teacher_entropy"] = self.last_metrics["teacher_entropy"]
+        if self.cadence.knn_due(s.epoch, epoch_done, s.finished):
+            knn = knn_on_rank0(self.cfg, self.ctx, s.teacher.backbone, s.amp_dtype)
+            self.tracker.log_metrics(knn, s.global_step)
+            self._say(f"[dino] epoch {s.epoch} k-NN top-1 {knn['knn_top1']:.1f}% "
+                      f"(k={self.cfg.eval.knn_k})")
+            metrics.update(knn)
+        save = self.cadence.epoch_checkpoint_due(s.epoch, epoch_done, s.finished)
+        self.report(metrics, checkpoint=save)
+
+    # ---- reporting ---------------------------------------------------------------------
+    def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+        s = self.state
+        s.skipped_steps = self.guard.skipped
+        if checkpoint and self.ctx.rank == 0:
+            with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as d:
+                ckpt.write_checkpoint(d, s.state_dict(), to_yaml(self.cfg))
+                self.ctx.report(metrics, d)
+            self._say(f"[dino] checkpoint saved at epoch {s.epoch} step {s.global_step}")
+        else:
+            self.ctx.report(metrics, None)
+
+    def log(self, m: dict[str, float]) -> None:
+        self.last_metrics = m
+        if self.ctx.rank != 0:
+            return
+        s = self.state
+        self.tracker.log_metrics(m, s.global_step)
+        say(self.progress.line(m, s.epoch, self.cfg.train.epochs, s.global_step, s.total_steps))
+
+    def _say(self, message: str) -> None:
+        if self.ctx.rank == 0:
+            say(message)
+
+    def _stopped(self, skipped: int) -> None:
+        self.tracker.log_metrics({"nonfinite_steps": skipped}, self.state.global_step)
+        self.tracker.end("FAILED")
+
+    def finish(self) -> None:
+        """Rank 0 exports the teacher backbone next to the checkpoints and to the tracker."""
+        # failed loads of every rank, not only rank 0's
+        self.skipped_images = int(sum_over_ranks(self.skipped_images, self.ctx.world_size,
+                                                 self.ctx.device))
+        if self.ctx.rank != 0:
+            return
+        with tempfile.TemporaryDirectory(prefix="dino-export-") as d:
+            path = os.path.join(d, BACKBONE_FILE)
+            weights = backbone_state_from_checkpoint({"teacher": self.state.teacher.state_dict()})
+            save_backbone(path, weights, backbone_meta(self.cfg))
+            storage.makedirs(self.run_url)
+            # retried through an outage; kept on local disk (and named) if storage never returns
+            storage.upload_file(path, storage.join(self.run_url, BACKBONE_FILE))
+            self.tracker.log_artifact(path)
+            self.tracker.flush()
+        if self.skipped_images:
+            say(f"[dino] skipped {self.skipped_images} unreadable images "
+                "(failed loads over all epochs and workers; the paths are in the log)")

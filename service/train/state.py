@@ -1,0 +1,154 @@
+"""Everything a run carries from step to step, built from the config, saved and restored.
+
+``TrainState`` owns the plain ``dino_core`` modules (student, teacher, loss with its center,
+optimizer, optional grad scaler), the schedules and the counters. A checkpoint's
+``state.pt`` is ``TrainState.state_dict()``; ``restore`` loads the newest complete
+checkpoint of the run (or ``train.resume``) into the plain modules, before any wrapping.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dino_core import (
+    DINOLoss,
+    StepConfig,
+    build_networks,
+    build_optimizer,
+    build_schedules,
+    ema_parameter_lists,
+)
+from dino_core.loss import identity
+from dino_core.models import compile_backbone
+from service.config import DinoConfig, backbone_meta, network_spec, schedule_spec
+from service.storage import checkpoints as ckpt
+from service.train.collectives import all_reduce_mean
+from service.train.context import RunContext
+from service.train.progress import say
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def switch(value: str | bool, device: torch.device) -> bool:
+    """``auto`` / true / false config switches; auto means true on GPUs."""
+    return device.type == "cuda" if value == "auto" else bool(value)
+
+
+def seed_everything(*key: int) -> None:
+    seed = int(np.random.default_rng(key).integers(2**31))
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class TrainState:
+    """The modules, optimizer, schedules and counters of one rank."""
+
+    def __init__(self, cfg: DinoConfig, ctx: RunContext, niter_per_ep: int) -> None:
+        self.cfg, self.device, self.niter_per_ep = cfg, ctx.device, niter_per_ep
+        world = ctx.world_size
+        self.student, self.teacher = build_networks(network_spec(cfg))
+        if world > 1 and self.device.type == "cuda":
+            # BN heads and ResNets normalise over the global batch, as the reference does;
+            # torch has no SyncBatchNorm on CPU, where each worker uses its own batch
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        self.student.to(self.device)
+        self.teacher.to(self.device)
+        self.ema_params = ema_parameter_lists(self.teacher, self.student)
+        # a deferred non-finite check skips bad steps inside the fused AdamW kernel
+        self.defer_check = switch(cfg.train.defer_nonfinite_check, self.device)
+        self.optimizer = build_optimizer(self.student, fused=True if self.defer_check else None)
+        reduce = all_reduce_mean if world > 1 else identity
+        self.loss_fn = DINOLoss(cfg.model.out_dim, cfg.loss.student_temp,
+                                cfg.loss.center_momentum, reduce).to(self.device)
+        self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
+        self.scaler = (torch.amp.GradScaler(self.device.type)
+                       if self.amp_dtype == torch.float16 else None)
+        self.step_cfg = StepConfig(clip_grad=cfg.optim.clip_grad, autocast_dtype=self.amp_dtype,
+                                   all_reduce_mean=reduce, defer_nonfinite_check=self.defer_check)
+        self.sched = build_schedules(schedule_spec(cfg), epochs=cfg.train.epochs,
+                                     niter_per_ep=niter_per_ep,
+                                     global_batch_size=cfg.train.batch_size)
+        self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
+        self.skipped_steps = 0
+
+    @property
+    def total_steps(self) -> int:
+        t = self.cfg.train
+        total = t.epochs * self.niter_per_ep
+        return min(total, t.max_steps) if t.max_steps else total
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.cfg.train.epochs or self.global_step >= self.total_steps
+
+    def compile(self) -> None:
+        """In place, after restoring: parameter names (checkpoints, EMA pairs) do not change."""
+        if switch(self.cfg.train.compile, self.device):
+            compile_backbone(self.student.backbone)
+            compile_backbone(self.teacher.backbone)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "student": self.student.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "center": self.loss_fn.center.detach().cpu(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "global_step": self.global_step,
+            "skipped_steps": self.skipped_steps,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate()},
+            "config": self.cfg.model_dump(mode="json"),
+            "backbone_meta": backbone_meta(self.cfg),
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        self.student.load_state_dict(s["student"], strict=True)
+        self.teacher.load_state_dict(s["teacher"], strict=True)
+        self.optimizer.load_state_dict(s["optimizer"])
+        self.loss_fn.center.copy_(s["center"].to(self.device))
+        if self.scaler and s.get("scaler"):
+            self.scaler.load_state_dict(s["scaler"])
+        self.epoch, self.batch_in_epoch = s["epoch"], s["batch_in_epoch"]
+        self.global_step, self.skipped_steps = s["global_step"], s.get("skipped_steps", 0)
+
+    def restore(self, run_url: str, ctx: RunContext) -> str | None:
+        """Loads the newest complete checkpoint of this run, else ``train.resume``; returns
+        where it came from (None: a fresh start).
+
+        The run's storage directory is scanned rather than trusting only the scheduler's
+        record (``ctx.registered_checkpoint()``): a worker killed right after writing a
+        checkpoint dies before Ray's controller registers it, and the restarted group would
+        otherwise start from an older one, or from scratch. Damaged ones (manifest missing or
+        not matching) are skipped with a warning.
+        """
+        candidates = ckpt.checkpoint_dirs(run_url)
+        found = ckpt.load_latest_valid(candidates) if candidates else None
+        registered = ctx.registered_checkpoint()
+        if found is not None and registered is not None and ctx.rank == 0:
+            if registered.rstrip("/") != str(found[0]).rstrip("/"):
+                say(f"[dino] using {found[0]}: newer than Ray's last registered checkpoint "
+                    f"{registered} (a worker died before reporting it)")
+        if found is None and self.cfg.train.resume:
+            uri = ckpt.resolve(self.cfg.train.resume)
+            found = (uri, ckpt.load_checkpoint(uri))
+        if found is None:
+            return None
+        uri, s = found
+        self.load_state_dict(s)
+        if ctx.rank == 0:
+            say(f"[dino] resumed from {uri} at epoch {self.epoch} step {self.global_step}")
+        return str(uri)

@@ -1,0 +1,37 @@
+"""The function Ray Train runs on every worker: the loop under a ``RayContext``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from service import storage
+from service.config import DinoConfig
+from service.tracking import MLflowTracker, NullTracker, Tracker
+from service.train.loop import Loop
+from service.train.ray_context import RayContext
+
+
+@dataclass
+class RunInfo:
+    """What the driver hands every worker besides the config."""
+
+    run_url: str  # storage URL of this run (its checkpoints are under it)
+    tracking_uri: str | None
+    mlflow_run_id: str | None
+
+
+def rank_tracker(rank: int, info: RunInfo) -> Tracker:
+    """Rank 0 logs to the driver's MLflow run; the other ranks track nothing."""
+    if rank == 0 and info.tracking_uri and info.mlflow_run_id:
+        return MLflowTracker(info.tracking_uri, info.mlflow_run_id)
+    return NullTracker()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point given to ``TorchTrainer``."""
+    cfg = DinoConfig.model_validate(config["cfg"])
+    info = RunInfo(**config["run"])
+    storage.configure(cfg.storage.retry_seconds, cfg.storage.spool_dir)
+    ctx = RayContext(info.run_url)
+    Loop(cfg, ctx, info.run_url, rank_tracker(ctx.rank, info)).run()

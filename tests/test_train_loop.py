@@ -1,0 +1,111 @@
+"""The real training loop, in this process, through ``InProcessContext``: no Ray.
+
+A run stopped at the end of its first epoch and resumed from the checkpoint it wrote gives
+the same per-step losses as the same run trained without a stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.config import load_config
+from service.storage import checkpoints as ckpt
+from service.train.context import InProcessContext
+from service.train.loop import BACKBONE_FILE, Loop
+
+TINY = [
+    "model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.out_dim=64",
+    "model.head_hidden_dim=64", "model.head_bottleneck_dim=32", "aug.global_size=16",
+    "aug.local_size=8", "aug.n_local=2", "aug.backend=batched", "data.procedural_size=48",
+    "data.procedural_image_size=24", "data.num_workers=0", "train.batch_size=8",
+    "train.epochs=2", "train.log_every_steps=1", "optim.warmup_epochs=1",
+    "tracking.enabled=false", "eval.knn_every_epochs=0",
+]  # fmt: skip
+
+
+class LossRecorder:
+    """A ``Tracker`` that keeps what the loop logs, step by step."""
+
+    uri = run_id = None
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.artifacts: list[str] = []
+        self.status: str | None = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.metrics.append((step, dict(metrics)))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tag(self, key: str, value: str) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.artifacts.append(str(path))
+
+    def flush(self) -> bool:
+        return True
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.status = status
+
+    def losses(self) -> dict[int, float]:
+        return {step: m["loss"] for step, m in self.metrics if "loss" in m}
+
+
+def _run(root: Path, name: str, *overrides: str) -> tuple[LossRecorder, InProcessContext, Loop]:
+    cfg = load_config(None, None, [*TINY, f"storage.root={root}", f"run_name={name}",
+                                   *overrides])
+    run_url = str(root / name)
+    ctx, tracker = InProcessContext(run_url, cfg.train.keep_last), LossRecorder()
+    loop = Loop(cfg, ctx, run_url, tracker)
+    loop.run()
+    return tracker, ctx, loop
+
+
+def test_loop_runs_in_process_and_a_resumed_run_repeats_the_losses(tmp_path, one_torch_thread):
+    whole, ctx, loop = _run(tmp_path, "whole")
+    niter = loop.state.niter_per_ep
+    assert niter == 6 and sorted(whole.losses()) == list(range(1, 2 * niter + 1))
+    assert loop.state.global_step == 2 * niter and loop.state.epoch == 2
+    assert [m["step"] for m, _ in ctx.reports] == [niter, 2 * niter]
+    assert all(url is not None for _, url in ctx.reports)  # an epoch checkpoint each
+    assert (tmp_path / "whole" / BACKBONE_FILE).is_file()
+
+    first, _, stopped = _run(tmp_path, "split", f"train.max_steps={niter}")
+    assert stopped.restored_from is None and stopped.state.global_step == niter
+    saved = ckpt.checkpoint_dirs(str(tmp_path / "split"))
+    assert len(saved) == 1 and ckpt.verify(saved[0])["global_step"] == niter
+
+    second, _, resumed = _run(tmp_path, "split")
+    assert resumed.restored_from == saved[0]
+    assert sorted(second.losses()) == list(range(niter + 1, 2 * niter + 1))
+    split = {**first.losses(), **second.losses()}
+    assert split == whole.losses()  # bit for bit: the same floats, step by step
+
+
+def test_in_process_context_keeps_the_last_checkpoints(tmp_path, one_torch_thread):
+    _, ctx, loop = _run(tmp_path, "keep", "train.checkpoint_every_steps=2", "train.keep_last=2",
+                        "train.epochs=1")
+    assert len([u for _, u in ctx.reports if u]) == 3  # steps 2, 4 and the epoch's end (6)
+    kept = ckpt.checkpoint_dirs(str(tmp_path / "keep"))
+    assert [ckpt.verify(d)["global_step"] for d in kept] == [4, 6]
+    assert ckpt.resolve(str(tmp_path / "keep")) == kept[-1]
+
+
+@pytest.mark.parametrize("steps", ["3"])
+def test_a_nonfinite_loss_stops_the_in_process_loop_with_the_state_untouched(
+        tmp_path, monkeypatch, one_torch_thread, steps):
+    monkeypatch.setenv("DINO_FAULT_NONFINITE_STEPS", steps)
+    from dino_core import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="global step 3"):
+        _run(tmp_path, "nan", "train.checkpoint_every_steps=2")
+    kept = ckpt.checkpoint_dirs(str(tmp_path / "nan"))
+    assert [ckpt.verify(d)["global_step"] for d in kept] == [2]
