@@ -35,6 +35,22 @@ EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
 PLAIN = (ConfigError, MissingExtraError, RunInUseError)
 
 
+# Worker lines Ray forwards to the driver that say nothing a user acts on: Ray Train's
+# PreemptionWatcher actor logs this core_worker.cc error at every start (ray#53727)
+RAY_NOISE = r"'PreemptionWatcher' .*constructor arguments in the object store"
+
+
+def ray_log_environment(verbose: bool) -> dict[str, str]:
+    """How Ray forwards worker output to this driver. Ray folds lines that differ only in
+    numbers across processes ("[repeated 2x across cluster]"), which would hide a restarted
+    worker's progress lines: ours (``[dino] ...``) always pass. Ray's known noise is skipped
+    unless ``-v``, which also turns the folding off."""
+    if verbose:
+        return {"RAY_DEDUP_LOGS": "0"}
+    return {"RAY_DEDUP_LOGS": "1", "RAY_DEDUP_LOGS_ALLOW_REGEX": r"\[dino\]",
+            "RAY_DEDUP_LOGS_SKIP_REGEX": RAY_NOISE}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dino", description="DINO self-supervised pretraining on Ray.", epilog=EPILOG_OVERRIDES
@@ -49,9 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Ray folds lines that differ only in numbers across processes ("[repeated 2x across
-    # cluster]"): a restarted worker's progress lines would vanish. Read at `import ray`.
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    for key, value in ray_log_environment(args.verbose).items():
+        os.environ.setdefault(key, value)  # read at `import ray`; the user's own settings win
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

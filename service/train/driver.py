@@ -41,6 +41,8 @@ def init_ray(cfg: DinoConfig, extra_resources: dict[str, float] | None = None) -
 
     if ray.is_initialized():
         return
+    if not cfg.ray.verbose:
+        quiet_ray_driver()
     if cfg.ray.address:
         ray.init(address=cfg.ray.address, log_to_driver=True)
     else:
@@ -49,6 +51,20 @@ def init_ray(cfg: DinoConfig, extra_resources: dict[str, float] | None = None) -
         ray.init(address="local", num_cpus=cfg.ray.num_cpus, resources=extra_resources,
                  include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=None,
                  log_to_driver=True, configure_logging=False)
+
+
+# Ray's own lines that a user of `dino train` does not act on; `dino -v` brings them back
+NOISY_LOGGERS = (
+    # "Token authentication is enabled for this Ray cluster ...": the default, said at each start
+    "ray._private.authentication.authentication_token_setup",
+)
+
+
+def quiet_ray_driver() -> None:
+    """Turns off Ray's start-up notices in this process (the worker lines forwarded to this
+    driver are filtered by ``service.cli.main.ray_log_environment``)."""
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def tracking_for(cfg: DinoConfig) -> tuple[str | None, str | None]:

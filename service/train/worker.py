@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +29,21 @@ def rank_tracker(rank: int, info: RunInfo) -> Tracker:
     return NullTracker()
 
 
+def quiet_ray_worker() -> None:
+    """Ray Train's INFO lines on the worker ("Reporting training result N: ...", one per
+    report) come from loggers named by their file path, which ``LoggingConfig(log_level)``
+    does not reach; our own progress line says the same in one line."""
+    for name in list(logging.root.manager.loggerDict):
+        if "/ray/train/" in name or name.startswith("ray.train"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point given to ``TorchTrainer``."""
     cfg = DinoConfig.model_validate(config["cfg"])
     info = RunInfo(**config["run"])
+    if not cfg.ray.verbose:
+        quiet_ray_worker()
     storage.configure(cfg.storage.retry_seconds, cfg.storage.spool_dir)
     ctx = RayContext(info.run_url)
     Loop(cfg, ctx, info.run_url, rank_tracker(ctx.rank, info)).run()
