@@ -35,7 +35,8 @@ def timm_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``timm.create_model`` matching ``build_backbone``."""
     if model_cfg["arch"] == "resnet50":
         return {}
-    kwargs: dict[str, Any] = {"dynamic_img_size": True}
+    kwargs: dict[str, Any] = {"dynamic_img_size": True,
+                              "patch_size": int(model_cfg.get("patch_size", 16))}
     if model_cfg.get("depth"):
         kwargs["depth"] = model_cfg["depth"]
     if model_cfg.get("img_size"):
@@ -43,11 +44,14 @@ def timm_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def save_backbone(path: str | Path, weights: dict[str, torch.Tensor], model_cfg: dict[str, Any]) -> Path:
+def save_backbone(path: str | Path, weights: dict[str, torch.Tensor], model_cfg: dict[str, Any],
+                  extra: dict[str, str] | None = None) -> Path:
     """Writes the weights and the metadata that rebuilds the model.
 
     Args:
         model_cfg: ``arch``, ``patch_size``, optional ``depth`` and ``img_size``.
+        extra: More metadata (strings), e.g. the run's settings; ``format`` and the model's
+            keys cannot be overridden.
     """
     meta = {
         "format": "dino-backbone-v1",
@@ -55,9 +59,10 @@ def save_backbone(path: str | Path, weights: dict[str, torch.Tensor], model_cfg:
         "patch_size": str(model_cfg.get("patch_size", 16)),
         "depth": str(model_cfg.get("depth") or ""),
         "img_size": str(model_cfg.get("img_size") or 224),
-        "timm_name": timm_name(model_cfg["arch"], int(model_cfg.get("patch_size", 16))),
+        "timm_name": timm_name(model_cfg["arch"]),
         "timm_kwargs": json.dumps(timm_kwargs(model_cfg)),
     }
+    meta = {**(extra or {}), **meta}
     tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(tensors, str(path), metadata=meta)
     return Path(path)

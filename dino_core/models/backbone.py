@@ -74,11 +74,13 @@ def embed_dim_of(backbone: nn.Module) -> int:
     return int(backbone.embed_dim)  # type: ignore[arg-type]
 
 
-def timm_name(arch: str, patch_size: int) -> str:
-    """The timm model name whose state dict layout matches ``build_backbone(arch, patch_size)``."""
+def timm_name(arch: str) -> str:
+    """A timm model name of ``arch``'s widths; the patch size goes as a keyword argument
+    (``patch_size=8``), because timm registers only some pairs (there is no
+    ``vit_tiny_patch8_224``)."""
     if arch == "resnet50":
         return "resnet50"
-    return f"{arch}_patch{patch_size}_224"
+    return f"{arch}_patch16_224"
 
 
 def is_vit(backbone: nn.Module) -> bool:

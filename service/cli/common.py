@@ -45,3 +45,14 @@ def mlflow_args(p: argparse.ArgumentParser) -> None:
                                           "then MLFLOW_TRACKING_URI, then the local default)")
 
 
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from service.cli.common import mlflow_args, weights_arg
+from service.cli.common import mlflow_args, positive_int, weights_arg
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     weights_arg(p)
     p.add_argument("--train", required=True, help="labeled train folder/URL or 'procedural'")
     p.add_argument("--val", required=True, help="labeled val folder/URL or 'procedural'")
-    p.add_argument("--image-size", type=int, default=224, help="center crop side")
-    p.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200])
+    p.add_argument("--image-size", type=positive_int,
+                   help="center crop side (default: the run's eval.image_size, else 224)")
+    p.add_argument("--k", type=positive_int, nargs="+", default=[10, 20, 100, 200])
     p.add_argument("--temperature", type=float, default=0.07)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--num-workers", type=int, default=2)
@@ -37,11 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=100, help="paper: 100")
     p.add_argument("--lr", type=float, default=0.001, help="base lr at batch 256 (SGD)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--n-last-blocks", type=int, default=4,
+    p.add_argument("--n-last-blocks", type=positive_int, default=4,
                    help="CLS tokens of the last n blocks (paper: 4 for ViT-S, 1 for ViT-B)")
     p.add_argument("--avgpool", action="store_true",
                    help="append the mean patch token (paper: on for ViT-B)")
-    p.add_argument("--image-size", type=int, default=224, help="crop side")
+    p.add_argument("--image-size", type=positive_int,
+                   help="crop side (default: the run's eval.image_size, else 224)")
     p.add_argument("--crop-scale", type=float, default=0.08, metavar="MIN",
                    help="smallest RandomResizedCrop area of the training views (paper: 0.08; "
                         "small images with one object keep more, e.g. 0.5)")
@@ -62,10 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--procedural-index", type=int, metavar="N",
                      help="sample N of the run's procedural validation set")
     p.add_argument("--out", metavar="DIR", help="folder for the PNG files")
-    p.add_argument("--image-size", type=int, help="resize the shorter side (default: as is)")
+    p.add_argument("--image-size", type=positive_int,
+                   help="resize the shorter side (default: as is)")
     p.add_argument("--keep", type=float, default=0.6,
                    help="attention mass kept in the masks (paper: 0.6)")
-    p.add_argument("--jaccard", type=int, metavar="N",
+    p.add_argument("--jaccard", type=positive_int, metavar="N",
                    help="mean mask Jaccard over N procedural images, per head")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     mlflow_args(p)
@@ -76,7 +79,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output .safetensors path or URL")
     p.add_argument("--which", choices=["teacher", "student"], default="teacher")
     p.set_defaults(fn=cmd_export)
-
 
 
 def cmd_eval_knn(args: argparse.Namespace) -> int:

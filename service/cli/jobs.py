@@ -119,6 +119,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                 print(json.dumps([j.model_dump(mode="json") for j in found]))
             for j in [] if args.json else found:
                 print(f"{j.submission_id or j.job_id}  {j.status!s:<9}  {j.entrypoint}")
+            if not found and not args.json:
+                print(f"no jobs on {jobs.resolve_address(args.address)}")
         elif args.jobs_command == "status":
             info = jobs.status(args.job_id, args.address)
             if args.json:

@@ -56,7 +56,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     if not key:
         raise ConfigError(f"override {item!r} has an empty key")
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw  # not YAML: the string itself, for the schema to judge
     return key.strip().split("."), value
 
 
@@ -86,8 +89,16 @@ def load_config(
     """preset -> YAML file -> overrides, then environment defaults, then validation."""
     data: dict[str, Any] = load_preset(preset) if preset else {}
     if file:
+        if not os.path.isfile(file):
+            raise ConfigError(f"--config {file}: no such file")
         with open(file) as f:
-            loaded = yaml.safe_load(f) or {}
+            try:
+                loaded = yaml.safe_load(f) or {}
+            except yaml.YAMLError as err:
+                mark = getattr(err, "problem_mark", None)
+                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise ConfigError(f"{file}{where}: not valid YAML ({problem})") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
         data = deep_merge(data, loaded)

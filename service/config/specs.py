@@ -6,6 +6,7 @@ A section's fields that a spec also has go across by name; a spec field the sect
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from typing import Any
 
@@ -42,3 +43,12 @@ def backbone_meta(cfg: DinoConfig) -> dict[str, Any]:
     """What ``dino_core.export`` stores beside the weights to rebuild the backbone."""
     return {"arch": cfg.model.arch, "patch_size": cfg.model.patch_size,
             "depth": cfg.model.depth, "img_size": cfg.aug.global_size}
+
+
+CONFIG_KEY = "dino_config"  # metadata key of the run's config in an exported backbone file
+
+
+def run_metadata(cfg: DinoConfig) -> dict[str, str]:
+    """What an exported backbone file carries besides the model: the run's resolved config
+    (the data and eval settings an evaluation of the file needs)."""
+    return {CONFIG_KEY: json.dumps(cfg.model_dump(mode="json"))}

@@ -27,6 +27,7 @@ from dino_core.eval.attention import (
 from dino_core.eval.pca import pca_rgb
 from service import data, storage
 from service.config import DinoConfig
+from service.errors import DataError
 from service.evaluate.backbone import load_backbone
 
 # Pictures of smaller images are enlarged by an integer factor up to this side, so a 48 px
@@ -51,10 +52,16 @@ def read_image(uri: str, size_hint: int | None = None) -> Image.Image:
     """An RGB image from a local path or an fsspec URL (s3://, gs://, http(s)://); a large
     JPEG is decoded at a reduced scale that keeps both sides >= ``size_hint``."""
     if storage.is_local(uri):
-        return load_rgb(uri.removeprefix("file://"), size_hint)
-    fs, path = storage.get_fs(uri)
-    blob = storage.with_retries(lambda: fs.cat_file(path), f"download of {uri}")
-    return load_rgb(io.BytesIO(blob), size_hint)
+        source: str | io.BytesIO = uri.removeprefix("file://")
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"no image file {uri}")
+    else:
+        fs, path = storage.get_fs(uri)
+        source = io.BytesIO(storage.with_retries(lambda: fs.cat_file(path), f"download of {uri}"))
+    try:
+        return load_rgb(source, size_hint)
+    except Exception as err:  # noqa: BLE001 - decoders raise many types
+        raise DataError(f"{uri} is not a readable image ({type(err).__name__}: {err})") from err
 
 
 def _enlarge(picture: Image.Image, factor: int, resample: Image.Resampling) -> Image.Image:

@@ -3,6 +3,7 @@ protocol: l2-normalised CLS features, T=0.07, k in {10, 20, 100, 200})."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -13,11 +14,14 @@ from dino_core.augment import eval_transform
 from dino_core.eval import extract_features
 from service import data
 from service.config import DinoConfig, parse_source
+from service.errors import DataError
 from service.evaluate.backbone import load_backbone
+
+log = logging.getLogger(__name__)
 
 
 def labeled_split(path: str, image_size: int, cfg: DinoConfig | None, train: bool,
-           transform: Callable | None = None):
+                  transform: Callable | None = None):
     """A labeled split (``procedural``, a folder or a URL) with the eval transform, or
     ``transform``; the procedural set is the run's (``cfg``), on the split's own seed."""
     cfg = cfg or DinoConfig()
@@ -27,20 +31,74 @@ def labeled_split(path: str, image_size: int, cfg: DinoConfig | None, train: boo
                             seed, cfg)
 
 
-def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int = 224,
+def eval_image_size(image_size: int | None, cfg: DinoConfig | None, model: torch.nn.Module) -> int:
+    """``image_size``, else the run's ``eval.image_size`` (the side it was trained for), else
+    224; checked against the backbone's patch size.
+
+    Raises:
+        ValueError: the side is not positive, or smaller than one patch.
+    """
+    if image_size is None:
+        image_size = cfg.eval.image_size if cfg is not None else 224
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1, 1))[0]
+    if image_size < max(patch, 1):
+        raise ValueError(f"--image-size {image_size} is smaller than one patch of the backbone "
+                         f"({patch} px); use at least {patch}")
+    return image_size
+
+
+def _by_class_name(train: Any, val: Any, val_labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Val labels renumbered to the train split's class of the same name (folders are
+    labelled by sorted position, which differs when the splits' class sets differ); val
+    images of classes the train split lacks get -1 and are left out.
+
+    Raises:
+        DataError: the splits share no class name.
+    """
+    train_names, val_names = list(train.classes), list(val.classes)
+    if train_names == val_names:
+        return val_labels, len(train_names)
+    shared = set(train_names) & set(val_names)
+    if not shared:
+        raise DataError(f"the train and val splits share no class: train has "
+                        f"{', '.join(train_names[:5])}..., val has {', '.join(val_names[:5])}...")
+    missing = sorted(set(val_names) - shared)
+    if missing:
+        log.warning("val classes missing from the train split are left out: %s",
+                    ", ".join(missing[:20]))
+    index = {name: i for i, name in enumerate(train_names)}
+    mapping = torch.tensor([index.get(name, -1) for name in val_names])
+    return mapping[val_labels], len(train_names)
+
+
+def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int | None = None,
              ks: list[int] | tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
              batch_size: int = 128, num_workers: int = 2, dump: str | None = None,
              load: str | None = None, which: str = "teacher") -> dict[str, Any]:
-    """Weighted k-NN of the teacher backbone's l2-normalised CLS features."""
+    """Weighted k-NN of the teacher backbone's l2-normalised CLS features.
+
+    ``image_size`` None: the run's ``eval.image_size``. Folder splits are matched by class
+    name. Raises DataError for a split without class folders or splits with no class in
+    common, ValueError for a bad ``ks`` or ``image_size``.
+    """
+    if not ks or min(ks) < 1:
+        raise ValueError(f"--k must be at least 1, got {list(ks)}")
     if load:
         feats = torch.load(load)
     else:
         model, cfg = load_backbone(checkpoint, which)
+        image_size = eval_image_size(image_size, cfg, model)
+        splits = {name: labeled_split(path, image_size, cfg, name == "train")
+                  for name, path in (("train", train_path), ("val", val_path))}
+        data.num_classes(*splits.values())  # both labeled, or a clear error
         feats = {}
-        for name, path in (("train", train_path), ("val", val_path)):
-            ds = labeled_split(path, image_size, cfg, name == "train")
+        for name, ds in splits.items():
             f, y = extract_features(model, data.eval_loader(ds, batch_size, num_workers))
             feats[name] = {"features": f, "labels": y}
+        labels, _ = _by_class_name(splits["train"], splits["val"], feats["val"]["labels"])
+        keep = labels >= 0
+        feats["val"] = {"features": feats["val"]["features"][keep], "labels": labels[keep]}
+        feats["image_size"] = image_size
         if dump:
             torch.save(feats, dump)
     tr, va = feats["train"], feats["val"]
@@ -50,4 +108,5 @@ def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int = 
     k_main = 20 if 20 in res else ks[0]
     return {"top1": res[k_main]["top1"], "top5": res[k_main]["top5"], "k": k_main,
             "by_k": {str(k): v for k, v in res.items()}, "n_train": len(tr["labels"]),
-            "n_val": len(va["labels"]), "num_classes": num_classes}
+            "n_val": len(va["labels"]), "num_classes": num_classes,
+            "image_size": feats.get("image_size")}

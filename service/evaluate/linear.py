@@ -13,10 +13,10 @@ import torch
 from dino_core.eval.linear import linear_train_transform, train_linear
 from service import data, storage
 from service.evaluate.backbone import load_backbone
-from service.evaluate.knn import labeled_split
+from service.evaluate.knn import eval_image_size, labeled_split
 
 
-def linear_eval(checkpoint: str, train_path: str, val_path: str, image_size: int = 224,
+def linear_eval(checkpoint: str, train_path: str, val_path: str, image_size: int | None = None,
                 epochs: int = 100, lr: float = 0.001, batch_size: int = 256,
                 n_last_blocks: int = 4, avgpool: bool = False, num_workers: int = 2,
                 output_dir: str | None = None, device: str | None = None, seed: int = 0,
@@ -33,6 +33,10 @@ def linear_eval(checkpoint: str, train_path: str, val_path: str, image_size: int
     if output_dir is not None and not storage.is_local(output_dir):
         raise ValueError(f"--output-dir must be a local directory, got {output_dir}")
     model, cfg = load_backbone(checkpoint, which)
+    image_size = eval_image_size(image_size, cfg, model)
+    blocks = len(getattr(model, "blocks", ()))
+    if blocks and not 1 <= n_last_blocks <= blocks:
+        raise ValueError(f"--n-last-blocks {n_last_blocks}: the backbone has {blocks} blocks")
     train_ds = labeled_split(train_path, image_size, cfg, True,
                              linear_train_transform(image_size, scale=(crop_scale, 1.0)))
     val_ds = labeled_split(val_path, image_size, cfg, False)

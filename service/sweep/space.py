@@ -25,6 +25,9 @@ def parse_domain(key: str, spec: str):
         return tune.choice(items)
     if kind in ("uniform", "loguniform") and len(items) == 2:
         lo, hi = (float(v) for v in items)
+        if lo >= hi:
+            raise ConfigError(f"{key}: {kind} needs low < high, got {spec!r} (write "
+                              f"{kind}:{min(lo, hi):g},{max(lo, hi):g})")
         if kind == "loguniform" and lo <= 0:
             raise ConfigError(f"{key}: loguniform needs a positive lower bound, got {lo}")
         return (tune.uniform if kind == "uniform" else tune.loguniform)(lo, hi)

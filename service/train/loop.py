@@ -20,6 +20,7 @@ from dino_core import NonFiniteLossError, train_step
 from dino_core.export import backbone_state_from_checkpoint, save_backbone
 from service import data, storage
 from service.config import DinoConfig, backbone_meta, to_yaml
+from service.config.specs import run_metadata
 from service.storage import checkpoints as ckpt
 from service.tracking import Tracker
 from service.train.collectives import any_rank, sum_over_ranks
@@ -191,7 +192,7 @@ class Loop:
         with tempfile.TemporaryDirectory(prefix="dino-export-") as d:
             path = os.path.join(d, BACKBONE_FILE)
             weights = backbone_state_from_checkpoint({"teacher": self.state.teacher.state_dict()})
-            save_backbone(path, weights, backbone_meta(self.cfg))
+            save_backbone(path, weights, backbone_meta(self.cfg), run_metadata(self.cfg))
             storage.makedirs(self.run_url)
             # retried through an outage; kept on local disk (and named) if storage never returns
             storage.upload_file(path, storage.join(self.run_url, BACKBONE_FILE))
