@@ -73,6 +73,7 @@ def test_loop_runs_in_process_and_a_resumed_run_repeats_the_losses(tmp_path, one
     whole, ctx, loop = _run(tmp_path, "whole")
     niter = loop.state.niter_per_ep
     assert niter == 6 and sorted(whole.losses()) == list(range(1, 2 * niter + 1))
+    assert {"loss", "lr", "teacher_entropy", "images_per_sec", "step_time"} <= set(whole.metrics[0][1])
     assert loop.state.global_step == 2 * niter and loop.state.epoch == 2
     assert [m["step"] for m, _ in ctx.reports] == [niter, 2 * niter]
     assert all(url is not None for _, url in ctx.reports)  # an epoch checkpoint each

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -104,6 +105,7 @@ class Loop:
 
     def step(self, batch: Any) -> None:
         s, device = self.state, self.ctx.device
+        started = time.time()
         if self.augment is not None:
             crops = self.augment(batch.to(device, non_blocking=True), self.aug_gen)
         else:
@@ -131,7 +133,8 @@ class Loop:
             self.guard.check()
         if out is not None and log_due and (not s.defer_check or bool(out.finite)):
             self.log({"loss": out.loss, **values, **{k: float(v) for k, v in out.stats.items()},
-                      "images_per_sec": self.progress.images_per_sec(), "epoch": s.epoch,
+                      "images_per_sec": self.progress.images_per_sec(),
+                      "step_time": time.time() - started, "epoch": s.epoch,
                       "skipped_images": self.skipped_images, "nonfinite_steps": s.skipped_steps})
             self.progress.new_window()
 
