@@ -14,7 +14,6 @@ from dino_core.export import (
     save_backbone,
 )
 
-
 # Every architecture the config allows, at the paper's patch sizes and others it accepts.
 CASES = [(arch, patch, 1) for arch in ("vit_tiny", "vit_small", "vit_base")
          for patch in (4, 8, 14, 16, 32)] + [("resnet50", 16, None)]

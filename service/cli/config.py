@@ -24,5 +24,11 @@ def cmd_presets(_: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    print(to_yaml(load_config(args.preset, args.config, args.overrides)), end="")
+    cfg = load_config(args.preset, args.config, args.overrides)
+    text = to_yaml(cfg)
+    if "run_name" not in cfg.model_fields_set:  # as `dino train` would name it
+        text = text.replace(f"run_name: {cfg.run_name}\n",
+                            "run_name: dino-<UTC time>-<hex>  # a fresh name for each "
+                            "`dino train` (none given)\n", 1)
+    print(text, end="")
     return 0

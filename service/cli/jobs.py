@@ -9,6 +9,7 @@ from pathlib import Path
 
 from service.cli import train as train_cli
 from service.cli import tune as tune_cli
+from service.cli.common import verbose_everywhere
 from service.config import load_config
 
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train_cli.add_parser(sub)
     tune_cli.add_parser(sub)
+    verbose_everywhere(parser)
     return parser
 
 

@@ -10,7 +10,7 @@ import os
 import sys
 
 from service.cli import config, data, evaluate, jobs, stack, train, tune
-from service.cli.common import EPILOG_OVERRIDES
+from service.cli.common import EPILOG_OVERRIDES, parse, verbose_everywhere
 from service.errors import (
     CheckpointError,
     ConfigError,
@@ -60,11 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for module in (train, tune, config, evaluate, data, stack, jobs):
         module.add_parser(sub)
+    verbose_everywhere(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser(), argv)
     for key, value in ray_log_environment(args.verbose).items():
         os.environ.setdefault(key, value)  # read at `import ray`; the user's own settings win
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
+from functools import partial
+from typing import TextIO
 
+from service import storage
 from service.cli.common import EPILOG_OVERRIDES, config_args, flush_ray_logs, unique_run_name
 from service.config import ProceduralSource, load_config, resolve_paths
 
@@ -19,6 +24,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if not args.json:
+        return _train(args)
+    # stdout holds the JSON alone (for jq): every other line, the workers' that Ray forwards
+    # included, goes to stderr
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        code = _train(args, stdout)
+    return code
+
+
+def _train(args: argparse.Namespace, json_out: TextIO | None = None) -> int:
     overrides = list(args.overrides)
     if args.verbose:
         overrides.append("ray.verbose=true")
@@ -34,22 +50,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"[dino] run {cfg.run_name!r}: {cfg.model.arch}/{cfg.model.patch_size}, "
           f"{cfg.train.epochs} epochs, global batch {cfg.train.batch_size} on "
           f"{cfg.ray.num_workers} worker(s), storage {cfg.storage.root}", flush=True)
-    with runlock.hold(resolve_paths(cfg).storage.root, cfg.run_name):
-        res = train(cfg)
+    try:
+        with runlock.hold(resolve_paths(cfg).storage.root, cfg.run_name):
+            res = train(cfg)
+    except KeyboardInterrupt:
+        flush_ray_logs()
+        run = storage.join(resolve_paths(cfg).storage.root, cfg.run_name)
+        print(f"\ndino: interrupted: run {cfg.run_name!r} stopped; its checkpoints are in "
+              f"{run}. Resume it with the same command (or `dino train ... "
+              f"run_name={cfg.run_name}`).", file=sys.stderr)
+        return 130
     flush_ray_logs()
-    print("\n[dino] done")
-    print(f"  checkpoints : {res.run_url}  (latest: {res.checkpoint})")
-    print(f"  backbone    : {res.backbone}")
+    say = partial(print, file=sys.stdout)  # stderr with --json (see cmd_train)
+    say("\n[dino] done")
+    say(f"  checkpoints : {res.run_url}  (latest: {res.checkpoint})")
+    say(f"  backbone    : {res.backbone}")
     if res.tracking_uri:
-        print(f"  MLflow      : {res.tracking_uri}  run {res.mlflow_run_id}")
+        say(f"  MLflow      : {res.tracking_uri}  run {res.mlflow_run_id}")
         if res.tracking_uri.startswith("sqlite"):
-            print(f"                view with: mlflow ui --backend-store-uri {res.tracking_uri}")
+            say(f"                view with: mlflow ui --backend-store-uri {res.tracking_uri}")
     if "knn_top1" in res.metrics:
         procedural = isinstance(cfg.eval.val_source, ProceduralSource)
         chance = 100.0 / cfg.data.procedural_classes if procedural else None
         extra = f" (chance {chance:.1f}%)" if chance else ""
-        print(f"  k-NN top-1  : {res.metrics['knn_top1']:.1f}%{extra}, "
-              f"top-5 {res.metrics['knn_top5']:.1f}% (k={cfg.eval.knn_k})")
-    if args.json:
-        print(json.dumps({**res.__dict__}))
+        say(f"  k-NN top-1  : {res.metrics['knn_top1']:.1f}%{extra}, "
+            f"top-5 {res.metrics['knn_top5']:.1f}% (k={cfg.eval.knn_k})")
+    if json_out is not None:
+        print(json.dumps({**res.__dict__}), file=json_out)
     return 0

@@ -58,6 +58,9 @@ class DataConfig(_Section):
         1.0, ge=0, le=1, description="1: cluttered, rotated, any size; 0: flat, upright, centred (demos)"
     )
     num_workers: int = Field(2, ge=0, le=64, description="data loader processes per worker")
+    max_unreadable_fraction: float = Field(
+        0.5, ge=0, le=1, description="stop when more of the images than this cannot be read: "
+        "a folder of mostly broken files is a wrong path, not data; a few are skipped")
     seed: int = Field(0, description="seed of the procedural set")
 
     @property

@@ -4,6 +4,7 @@ loaders with a resumable per-worker sampler (``loaders``)."""
 from service.data.datasets import (
     EVAL_TRAIN_SEED_OFFSET,
     EVAL_VAL_SEED_OFFSET,
+    align_classes,
     batched_augmentation,
     decode_size_hint,
     eval_datasets,
@@ -15,6 +16,7 @@ from service.data.loaders import ShardSampler, eval_loader, steps_per_epoch, tra
 from service.data.remote import RemoteImageFolder
 
 __all__ = [
+    "align_classes",
     "EVAL_TRAIN_SEED_OFFSET",
     "EVAL_VAL_SEED_OFFSET",
     "RemoteImageFolder",

@@ -3,6 +3,7 @@ with their augmentation, and the labeled evaluation splits."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict
@@ -23,6 +24,8 @@ from service.config import (
 )
 from service.data.remote import RemoteImageFolder
 from service.errors import DataError
+
+log = logging.getLogger(__name__)
 
 # eval splits are other seeds of the same generator, so they never repeat training images
 EVAL_TRAIN_SEED_OFFSET, EVAL_VAL_SEED_OFFSET = 1000, 2000
@@ -114,3 +117,31 @@ def num_classes(*splits: Dataset) -> int:
     return max(counts)
 
 
+
+
+def align_classes(train: Dataset, val: Dataset) -> None:
+    """Relabels ``val`` by class *name* to ``train``'s labels, in place. Folders are labelled
+    by sorted position, which differs when the splits' class sets differ (then 'bee' of a val
+    folder without 'ant' would be scored as train's 'ant'). Val images of classes the train
+    split lacks are left out, with a warning.
+
+    Raises:
+        DataError: a split has no classes, or the two share no class name.
+    """
+    num_classes(train, val)
+    train_names, val_names = list(train.classes), list(val.classes)  # type: ignore[attr-defined]
+    if train_names == val_names:
+        return
+    index = {name: i for i, name in enumerate(train_names)}
+    if not set(index) & set(val_names):
+        raise DataError(f"the train and val splits share no class: train has "
+                        f"{', '.join(train_names[:5])}, val has {', '.join(val_names[:5])}")
+    if not hasattr(val, "samples"):
+        raise DataError("the val split's classes differ from the train split's")
+    missing = sorted(set(val_names) - set(index))
+    if missing:
+        log.warning("val classes missing from the train split are left out: %s",
+                    ", ".join(missing[:20]))
+    val.samples = [(path, index[val_names[y]]) for path, y in val.samples  # type: ignore[attr-defined]
+                   if val_names[y] in index]
+    val.classes = train_names  # type: ignore[attr-defined]

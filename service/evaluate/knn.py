@@ -14,7 +14,6 @@ from dino_core.augment import eval_transform
 from dino_core.eval import extract_features
 from service import data
 from service.config import DinoConfig, parse_source
-from service.errors import DataError
 from service.evaluate.backbone import load_backbone
 
 log = logging.getLogger(__name__)
@@ -47,30 +46,6 @@ def eval_image_size(image_size: int | None, cfg: DinoConfig | None, model: torch
     return image_size
 
 
-def _by_class_name(train: Any, val: Any, val_labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Val labels renumbered to the train split's class of the same name (folders are
-    labelled by sorted position, which differs when the splits' class sets differ); val
-    images of classes the train split lacks get -1 and are left out.
-
-    Raises:
-        DataError: the splits share no class name.
-    """
-    train_names, val_names = list(train.classes), list(val.classes)
-    if train_names == val_names:
-        return val_labels, len(train_names)
-    shared = set(train_names) & set(val_names)
-    if not shared:
-        raise DataError(f"the train and val splits share no class: train has "
-                        f"{', '.join(train_names[:5])}..., val has {', '.join(val_names[:5])}...")
-    missing = sorted(set(val_names) - shared)
-    if missing:
-        log.warning("val classes missing from the train split are left out: %s",
-                    ", ".join(missing[:20]))
-    index = {name: i for i, name in enumerate(train_names)}
-    mapping = torch.tensor([index.get(name, -1) for name in val_names])
-    return mapping[val_labels], len(train_names)
-
-
 def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int | None = None,
              ks: list[int] | tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
              batch_size: int = 128, num_workers: int = 2, dump: str | None = None,
@@ -90,14 +65,11 @@ def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int | 
         image_size = eval_image_size(image_size, cfg, model)
         splits = {name: labeled_split(path, image_size, cfg, name == "train")
                   for name, path in (("train", train_path), ("val", val_path))}
-        data.num_classes(*splits.values())  # both labeled, or a clear error
+        data.align_classes(splits["train"], splits["val"])  # by name; labeled, or an error
         feats = {}
         for name, ds in splits.items():
             f, y = extract_features(model, data.eval_loader(ds, batch_size, num_workers))
             feats[name] = {"features": f, "labels": y}
-        labels, _ = _by_class_name(splits["train"], splits["val"], feats["val"]["labels"])
-        keep = labels >= 0
-        feats["val"] = {"features": feats["val"]["features"][keep], "labels": labels[keep]}
         feats["image_size"] = image_size
         if dump:
             torch.save(feats, dump)

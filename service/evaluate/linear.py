@@ -40,6 +40,7 @@ def linear_eval(checkpoint: str, train_path: str, val_path: str, image_size: int
     train_ds = labeled_split(train_path, image_size, cfg, True,
                              linear_train_transform(image_size, scale=(crop_scale, 1.0)))
     val_ds = labeled_split(val_path, image_size, cfg, False)
+    data.align_classes(train_ds, val_ds)
     num_classes = data.num_classes(train_ds, val_ds)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(output_dir.removeprefix("file://")) if output_dir else None

@@ -179,3 +179,13 @@ def kept_locally(storage_url: str) -> list[tuple[Path, dict[str, Any] | None]]:
             except (CheckpointError, OSError, ValueError):
                 out.append((d, None))
     return out
+
+
+def read_config(uri: str) -> dict[str, Any]:
+    """The resolved config saved in the checkpoint ``uri`` (its ``config.yaml``), as data."""
+    import yaml
+
+    blob = _read(storage.join(uri, "config.yaml"))
+    if blob is None:
+        raise CheckpointError(f"{uri}: no config.yaml")
+    return yaml.safe_load(blob) or {}

@@ -115,6 +115,10 @@ class Retrier:
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = started
+            log.warning("%s%s failed (%s); retrying for up to %g s, until %s "
+                        "(%s)", where, what, err, self.seconds,
+                        time.strftime("%H:%M:%S", time.localtime(time.time() + self.seconds)),
+                        GAVE_UP)
         down = now - self._down_since
         if down >= self.seconds or (self.attempts and attempt >= self.attempts):
             raise StorageError(

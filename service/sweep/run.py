@@ -18,8 +18,14 @@ from service.config import ConfigError, DinoConfig, apply_overrides, resolve_pat
 from service.sweep.results import SweepSpec, publish, result_rows, trial_run_name
 from service.sweep.space import check_space, parse_domain
 from service.sweep.stopper import OBJECTIVE, CollapseStopper
-from service.train.driver import build_trainer, init_ray, start_tracking, storage_kwargs
-from service.train.worker import RunInfo
+from service.train.driver import (
+    build_trainer,
+    init_ray,
+    run_info,
+    start_tracking,
+    storage_kwargs,
+)
+from service.train.preflight import preflight
 
 log = logging.getLogger(__name__)
 DRIVER_RESOURCE = "trial_driver"
@@ -38,8 +44,7 @@ def _trial(config: dict[str, Any]) -> None:
     storage.configure(cfg.storage.retry_seconds, cfg.storage.spool_dir)
     tracker = start_tracking(cfg, parent_run_id=config["__parent_run__"],
                              extra_tags={"sweep": config["__sweep__"]})
-    info = RunInfo(run_url=storage.join(cfg.storage.root, cfg.run_name),
-                   tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
+    info = run_info(storage.join(cfg.storage.root, cfg.run_name), tracker)
     try:
         build_trainer(cfg, info, callbacks=[TuneReportCallback()]).fit()
     except ray.train.TrainingFailedError:
@@ -50,16 +55,17 @@ def _trial(config: dict[str, Any]) -> None:
 
 def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
     """Runs (or resumes) the sweep; returns the rows of the results table, best first."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
     base = resolve_paths(base)
     storage.configure(base.storage.retry_seconds, base.storage.spool_dir)
     if not base.eval.knn_every_epochs:
         base = validate(apply_overrides(base.model_dump(mode="json"), ["eval.knn_every_epochs=1"]))
     check_space(base, spec.space)
-    storage.makedirs(base.storage.root)
     sweep_url = storage.join(base.storage.root, spec.name)
+    preflight(base, sweep_url)  # storage and data, before Ray
+    from ray import tune  # after every check: a bad sweep never imports Ray
+    from ray.tune.schedulers import ASHAScheduler
+
+    storage.makedirs(base.storage.root)
     parent = start_tracking(validate({**base.model_dump(mode="json"), "run_name": spec.name}),
                             extra_tags={"sweep": spec.name, "kind": "sweep"})
     init_ray(base, extra_resources={DRIVER_RESOURCE: spec.max_concurrent})

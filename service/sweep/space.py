@@ -12,17 +12,15 @@ DEFAULT_SPACE = {
 }
 
 
-def parse_domain(key: str, spec: str):
-    """``grid:a,b`` | ``choice:a,b`` | ``uniform:lo,hi`` | ``loguniform:lo,hi``."""
+def parse_spec(key: str, spec: str) -> tuple[str, list]:
+    """``(kind, values)`` of ``grid:a,b`` | ``choice:a,b`` | ``uniform:lo,hi`` |
+    ``loguniform:lo,hi``, checked (no Ray needed)."""
     import yaml
-    from ray import tune
 
     kind, _, values = spec.partition(":")
     items = [yaml.safe_load(v) for v in values.split(",") if v.strip()]
-    if kind == "grid" and items:
-        return tune.grid_search(items)
-    if kind == "choice" and items:
-        return tune.choice(items)
+    if kind in ("grid", "choice") and items:
+        return kind, items
     if kind in ("uniform", "loguniform") and len(items) == 2:
         lo, hi = (float(v) for v in items)
         if lo >= hi:
@@ -30,19 +28,28 @@ def parse_domain(key: str, spec: str):
                               f"{kind}:{min(lo, hi):g},{max(lo, hi):g})")
         if kind == "loguniform" and lo <= 0:
             raise ConfigError(f"{key}: loguniform needs a positive lower bound, got {lo}")
-        return (tune.uniform if kind == "uniform" else tune.loguniform)(lo, hi)
+        return kind, [lo, hi]
     raise ConfigError(
         f"{key}: search space {spec!r} not understood; use grid:a,b | choice:a,b | "
         "uniform:lo,hi | loguniform:lo,hi"
     )
 
 
+def parse_domain(key: str, spec: str):
+    """The Ray Tune domain of a checked spec (``parse_spec``)."""
+    from ray import tune
+
+    kind, items = parse_spec(key, spec)
+    if kind == "grid":
+        return tune.grid_search(items)
+    if kind == "choice":
+        return tune.choice(items)
+    return (tune.uniform if kind == "uniform" else tune.loguniform)(*items)
+
+
 def check_space(base: DinoConfig, space: dict[str, str]) -> None:
     """Every swept key and every grid value must make a valid config, before Ray starts."""
     for key, spec in space.items():
-        kind, _, values = spec.partition(":")
-        probes = values.split(",") if kind in ("grid", "choice") else values.split(",")[:2]
-        for v in probes:
-            data = apply_overrides(base.model_dump(mode="json"), [f"{key}={v}"])
-            validate(data)
-        parse_domain(key, spec)
+        _, values = parse_spec(key, spec)
+        for v in values:
+            validate(apply_overrides(base.model_dump(mode="json"), [f"{key}={v}"]))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +18,7 @@ from service.config import DinoConfig, flatten, resolve_paths
 from service.storage import checkpoints as ckpt
 from service.storage.arrow import pyarrow_fs
 from service.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri, git_revision
+from service.train.preflight import preflight
 from service.train.worker import RunInfo, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -88,6 +91,30 @@ def storage_kwargs(root: str) -> dict[str, Any]:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
+# Set by Ctrl-C during fit(): Ray Train's own SIGINT handler aborts the run and then leaves
+# by sys.exit(0) (or returns a result), which alone would not tell an interrupt apart
+INTERRUPTED = threading.Event()
+
+
+def interruptible(trainer_cls: type) -> type:
+    """``trainer_cls`` whose SIGINT handler (Ray Train's graceful abort) also sets
+    ``INTERRUPTED``; Ray registers it in ``fit()`` on the main thread only."""
+
+    class Interruptible(trainer_cls):  # type: ignore[misc, valid-type]
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def handler(signum: int, frame: Any) -> None:
+                INTERRUPTED.set()
+                if callable(ray_handler):
+                    ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, handler)
+
+    return Interruptible
+
+
 def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -98,7 +125,7 @@ def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None)
     # the same rule as job submission: storage and MLflow settings, never credentials (the
     # cluster's nodes have their own); runtime envs are readable by anyone with the dashboard
     env = job_env(os.environ)
-    return TorchTrainer(
+    return interruptible(TorchTrainer)(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": asdict(info)},
         scaling_config=ray.train.ScalingConfig(
@@ -135,7 +162,8 @@ def start_tracking(cfg: DinoConfig, parent_run_id: str | None = None,
     return tracker
 
 
-def storage_failure(root: str, run_url: str, err: BaseException) -> storage.StorageError:
+def storage_failure(root: str, run_url: str, err: BaseException,
+                    local_ray: bool = True) -> storage.StorageError:
     """One message for a run stopped by a storage outage: which storage, and where the
     checkpoints that never reached it are (found here for a local Ray; on a cluster they are
     in the same folder on rank 0's node)."""
@@ -146,11 +174,20 @@ def storage_failure(root: str, run_url: str, err: BaseException) -> storage.Stor
         what = (f"epoch {manifest['epoch']} step {manifest['global_step']}, complete"
                 if manifest else "incomplete")
         lines.append(f"  not uploaded, kept on local disk: {d} ({what})")
-    if not kept:
+    if not kept and local_ray:
+        lines.append("  no checkpoint was waiting for its upload: the newest one in storage is "
+                     "the run's last")
+    elif not kept:
         lines.append(f"  checkpoints that did not get through are kept under "
                      f"{storage.spool_dir() / 'kept'} on the node of rank 0")
     cause = next((ln for ln in str(err).splitlines() if storage.GAVE_UP in ln), "")
     return storage.StorageError("\n".join([*lines, f"  cause: {cause.strip()[:1000]}"]))
+
+
+def run_info(run_url: str, tracker: Tracker) -> RunInfo:
+    pending = getattr(tracker, "pending_run", None)
+    return RunInfo(run_url=run_url, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id,
+                   pending_run=asdict(pending) if pending is not None else None)
 
 
 def train(cfg: DinoConfig) -> TrainResult:
@@ -159,21 +196,30 @@ def train(cfg: DinoConfig) -> TrainResult:
     storage.configure(cfg.storage.retry_seconds, cfg.storage.spool_dir)
     storage.makedirs(cfg.storage.root)
     run_url = storage.join(cfg.storage.root, cfg.run_name)
+    preflight(cfg, run_url)  # before any cluster resource is taken
     tracker = start_tracking(cfg)
-    info = RunInfo(run_url=run_url, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id)
+    info = run_info(run_url, tracker)
     init_ray(cfg)
+    INTERRUPTED.clear()
     try:
         result = build_trainer(cfg, info).fit()
     except BaseException as err:
-        tracker.end("FAILED")
+        interrupted = INTERRUPTED.is_set() or isinstance(err, KeyboardInterrupt)
+        # MLflow's own word for a run stopped by its user (what `mlflow run` sets on Ctrl-C)
+        tracker.end("KILLED" if interrupted else "FAILED")
+        if interrupted:
+            raise KeyboardInterrupt from err
         if storage.GAVE_UP in str(err):  # a StorageError of a worker or Ray's controller
-            raise storage_failure(cfg.storage.root, run_url, err) from err
+            raise storage_failure(cfg.storage.root, run_url, err, not cfg.ray.address) from err
         raise
+    if INTERRUPTED.is_set():  # aborted, and fit() returned what there was
+        tracker.end("KILLED")
+        raise KeyboardInterrupt
     tracker.end("FINISHED")
     return TrainResult(
         run_name=cfg.run_name, run_url=run_url,
         checkpoint=storage.with_scheme(result.checkpoint.path, run_url) if result.checkpoint else None,
         metrics=dict(result.metrics or {}),
-        tracking_uri=info.tracking_uri, mlflow_run_id=info.mlflow_run_id,
+        tracking_uri=info.tracking_uri, mlflow_run_id=tracker.run_id,
         backbone=storage.join(run_url, "teacher_backbone.safetensors"),
     )

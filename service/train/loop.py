@@ -22,6 +22,7 @@ from dino_core.export import backbone_state_from_checkpoint, save_backbone
 from service import data, storage
 from service.config import DinoConfig, backbone_meta, to_yaml
 from service.config.specs import run_metadata
+from service.errors import DataError
 from service.storage import checkpoints as ckpt
 from service.tracking import Tracker
 from service.train.collectives import any_rank, sum_over_ranks
@@ -53,7 +54,7 @@ class Loop:
         self.guard.skipped = s.skipped_steps
         self.faults = faults or FaultInjector.from_env()
         self.progress = Progress(ctx.world_size)
-        self.skipped_images = 0
+        self.skipped_images = self.images_attempted = 0
         self.last_metrics: dict[str, float] = {}
 
     # ---- the loop ----------------------------------------------------------------------
@@ -74,6 +75,7 @@ class Loop:
         s = self.state
         for batch, labels, n_skipped in self.epoch_batches():
             self.skipped_images += n_skipped
+            self.images_attempted += labels.numel() + n_skipped
             if any_rank(labels.numel() == 0, self.ctx.world_size, self.ctx.device):
                 # every image of the batch was unreadable: no step, on every rank alike (DDP's
                 # all-reduces must pair up)
@@ -138,8 +140,22 @@ class Loop:
                       "skipped_images": self.skipped_images, "nonfinite_steps": s.skipped_steps})
             self.progress.new_window()
 
+    def check_unreadable(self) -> None:
+        """Stops the run when more than ``data.max_unreadable_fraction`` of the images it
+        tried so far were unreadable (the same decision on every rank: global counts)."""
+        world, device = self.ctx.world_size, self.ctx.device
+        skipped = sum_over_ranks(self.skipped_images, world, device)
+        attempted = sum_over_ranks(self.images_attempted, world, device)
+        limit = self.cfg.data.max_unreadable_fraction
+        if attempted and skipped / attempted > limit:
+            raise DataError(
+                f"data.path={self.cfg.data.path}: {int(skipped)} of {int(attempted)} images "
+                f"could not be read, more than data.max_unreadable_fraction={limit:g} "
+                "(the paths are in the log)")
+
     def end_epoch(self) -> None:
         s = self.state
+        self.check_unreadable()
         epoch_done = s.batch_in_epoch >= s.niter_per_ep
         if epoch_done:
             s.epoch += 1
@@ -151,7 +167,7 @@ class Loop:
         if self.cadence.knn_due(s.epoch, epoch_done, s.finished):
             knn = knn_on_rank0(self.cfg, self.ctx, s.teacher.backbone, s.amp_dtype)
             self.tracker.log_metrics(knn, s.global_step)
-            self._say(f"[dino] epoch {s.epoch} k-NN top-1 {knn['knn_top1']:.1f}% "
+            self._say(f"[dino] epoch {s.epoch_label} k-NN top-1 {knn['knn_top1']:.1f}% "
                       f"(k={self.cfg.eval.knn_k})")
             metrics.update(knn)
         save = self.cadence.epoch_checkpoint_due(s.epoch, epoch_done, s.finished)
@@ -165,7 +181,7 @@ class Loop:
             with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as d:
                 ckpt.write_checkpoint(d, s.state_dict(), to_yaml(self.cfg))
                 self.ctx.report(metrics, d)
-            self._say(f"[dino] checkpoint saved at epoch {s.epoch} step {s.global_step}")
+            self._say(f"[dino] checkpoint saved at epoch {s.epoch_label} step {s.global_step}")
         else:
             self.ctx.report(metrics, None)
 
@@ -175,7 +191,8 @@ class Loop:
             return
         s = self.state
         self.tracker.log_metrics(m, s.global_step)
-        say(self.progress.line(m, s.epoch, self.cfg.train.epochs, s.global_step, s.total_steps))
+        say(self.progress.line(m, f"{s.epoch_label}/{self.cfg.train.epochs}", s.global_step,
+                                s.total_steps))
 
     def _say(self, message: str) -> None:
         if self.ctx.rank == 0:

@@ -38,8 +38,8 @@ class Progress:
     def new_window(self) -> None:
         self.window_start, self.window_images = time.time(), 0
 
-    def line(self, m: dict[str, float], epoch: int, epochs: int, step: int, total: int) -> str:
+    def line(self, m: dict[str, float], epoch: str, step: int, total: int) -> str:
         rate = (time.time() - self.started) / max(self.steps_done, 1)
-        return (f"[dino] epoch {epoch + 1}/{epochs} step {step}/{total} loss {m['loss']:.4f} "
+        return (f"[dino] epoch {epoch} step {step}/{total} loss {m['loss']:.4f} "
                 f"lr {m['lr']:.2e} H(t) {m['teacher_entropy']:.2f} "
                 f"{m['images_per_sec']:.1f} img/s ETA {format_eta(rate * (total - step))}")

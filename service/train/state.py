@@ -89,6 +89,12 @@ class TrainState:
         return min(total, t.max_steps) if t.max_steps else total
 
     @property
+    def epoch_label(self) -> int:
+        """The epoch (1-based) the last step belongs to, as every console line numbers it
+        (``self.epoch`` counts finished epochs)."""
+        return self.epoch + 1 if self.batch_in_epoch or self.epoch == 0 else self.epoch
+
+    @property
     def finished(self) -> bool:
         return self.epoch >= self.cfg.train.epochs or self.global_step >= self.total_steps
 
@@ -150,5 +156,5 @@ class TrainState:
         uri, s = found
         self.load_state_dict(s)
         if ctx.rank == 0:
-            say(f"[dino] resumed from {uri} at epoch {self.epoch} step {self.global_step}")
+            say(f"[dino] resumed from {uri} at epoch {self.epoch_label} step {self.global_step}")
         return str(uri)

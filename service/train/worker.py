@@ -9,6 +9,7 @@ from typing import Any
 from service import storage
 from service.config import DinoConfig
 from service.tracking import MLflowTracker, NullTracker, Tracker
+from service.tracking.mlflow_tracker import RunSpec
 from service.train.loop import Loop
 from service.train.ray_context import RayContext
 
@@ -20,12 +21,15 @@ class RunInfo:
     run_url: str  # storage URL of this run (its checkpoints are under it)
     tracking_uri: str | None
     mlflow_run_id: str | None
+    # the server was down when the driver started: how rank 0 creates the run later
+    pending_run: dict[str, Any] | None = None
 
 
 def rank_tracker(rank: int, info: RunInfo) -> Tracker:
     """Rank 0 logs to the driver's MLflow run; the other ranks track nothing."""
-    if rank == 0 and info.tracking_uri and info.mlflow_run_id:
-        return MLflowTracker(info.tracking_uri, info.mlflow_run_id)
+    if rank == 0 and info.tracking_uri and (info.mlflow_run_id or info.pending_run):
+        pending = RunSpec(**info.pending_run) if info.pending_run else None
+        return MLflowTracker(info.tracking_uri, info.mlflow_run_id, pending)
     return NullTracker()
 
 

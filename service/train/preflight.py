@@ -1,0 +1,116 @@
+"""Checks of a run that need no cluster, made before Ray starts: the storage root answers,
+the data is there and mostly readable, ``train.resume`` is a checkpoint, and a run name that
+is reused has checkpoints of the same model. Each failure is one error naming the input."""
+
+from __future__ import annotations
+
+import logging
+
+from dino_core.data.folder import load_rgb
+from service import data, storage
+from service.config import DataSource, DinoConfig, ProceduralSource, network_spec, validate
+from service.errors import CheckpointError, ConfigError, DataError
+from service.storage import checkpoints as ckpt
+
+log = logging.getLogger(__name__)
+SAMPLE = 32  # images decoded to judge a folder before training on it
+
+
+def check_storage(root: str) -> None:
+    """A remote root must answer (no credentials, no such bucket: a StorageError at once)."""
+    if storage.is_local(root):
+        return
+    fs, path = storage.get_fs(root)
+
+    def probe() -> None:
+        try:
+            fs.info(path)
+        except FileNotFoundError:  # the run's folder is made on the first write
+            pass
+
+    storage.with_retries(probe, f"access to storage.root {root}", url=root)
+
+
+def _sample_unreadable(ds: object, n: int) -> tuple[int, int, str]:
+    """(unreadable, sampled, first error) over up to ``n`` evenly spread images."""
+    samples = ds.samples  # type: ignore[attr-defined]
+    count = len(samples)
+    picks = range(count) if count <= n else sorted({i * count // n for i in range(n)})
+    bad, first = 0, ""
+    for i in picks:
+        try:
+            load_rgb(ds.open(samples[i][0]), 64)  # type: ignore[attr-defined]
+        except Exception as err:  # noqa: BLE001 - decoders raise many types
+            bad += 1
+            first = first or f"{samples[i][0]}: {type(err).__name__}: {err}"
+    return bad, len(picks), first
+
+
+def check_images(path: str, source: DataSource, cfg: DinoConfig, what: str,
+                 min_images: int = 1) -> None:
+    """``path`` holds images, enough of them, and a sample of them decodes."""
+    if isinstance(source, ProceduralSource):
+        return
+    try:
+        ds = data.open_images(source, None, 0, 0, cfg)  # type: ignore[arg-type]
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"{what}={path}: {err}") from None
+    bad, sampled, first = _sample_unreadable(ds, SAMPLE)
+    limit = cfg.data.max_unreadable_fraction
+    if bad and bad / sampled > limit:
+        raise DataError(
+            f"{what}={path}: {bad} of {sampled} sampled image files could not be read "
+            f"(more than data.max_unreadable_fraction={limit:g}); first: {first}")
+    if len(ds) < min_images:
+        raise DataError(f"{what}={path} holds {len(ds)} images, fewer than one global batch "
+                        f"(train.batch_size={cfg.train.batch_size})")
+
+
+def _model_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
+    """``model.depth: 4 -> 2``-style lines for the settings that fix the weights' shapes."""
+    a, b = network_spec(saved), network_spec(cfg)
+    out = []
+    for key in a.__dataclass_fields__:
+        if key == "drop_path_rate":  # no shape of its own
+            continue
+        if getattr(a, key) != getattr(b, key):
+            name = "aug.global_size" if key == "img_size" else f"model.{key}"
+            out.append(f"{name}: {getattr(a, key)} there, {getattr(b, key)} here")
+    return out
+
+
+def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
+    saved = validate(ckpt.read_config(checkpoint))
+    diff = _model_differences(saved, cfg)
+    if diff:
+        raise ConfigError(f"{what} {checkpoint} holds another model than this config "
+                          f"({'; '.join(diff)}); use the same model settings, or another "
+                          f"run_name=... to start a new run")
+
+
+def newest_checkpoint(run_url: str) -> str | None:
+    for candidate in reversed(ckpt.checkpoint_dirs(run_url)):
+        try:
+            ckpt.verify_uri(candidate)
+            return candidate
+        except CheckpointError:
+            continue
+    return None
+
+
+def preflight(cfg: DinoConfig, run_url: str) -> None:
+    """Everything about ``cfg`` that can be wrong without a cluster (``cfg`` resolved)."""
+    check_storage(cfg.storage.root)
+    check_images(cfg.data.path, cfg.data.source, cfg, "data.path", cfg.train.batch_size)
+    if cfg.eval.knn_every_epochs:
+        check_images(cfg.eval.train_path, cfg.eval.train_source, cfg, "eval.train_path")
+        check_images(cfg.eval.val_path, cfg.eval.val_source, cfg, "eval.val_path")
+    existing = newest_checkpoint(run_url)
+    if existing is not None:
+        check_same_model(existing, cfg, f"run {cfg.run_name!r}: its checkpoint")
+    elif cfg.train.resume:
+        try:
+            resume = ckpt.resolve(cfg.train.resume)
+        except CheckpointError as err:
+            raise CheckpointError(f"train.resume: {err}") from None
+        check_same_model(resume, cfg, "train.resume:")
