@@ -10,14 +10,19 @@ import sys
 from service.cli.common import mlflow_args, positive_int, weights_arg
 
 
+def _splits_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint dir/URL, run folder/URL or backbone file")
+    weights_arg(p)
+    p.add_argument("--train", required=True, help="labeled train folder/URL or 'procedural'")
+    p.add_argument("--val", required=True, help="labeled val folder/URL or 'procedural'")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(
         dest="eval_command", required=True)
     p = ev.add_parser("knn", help="weighted k-NN on labeled train/val folders")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir/URL or backbone file")
-    weights_arg(p)
-    p.add_argument("--train", required=True, help="labeled train folder/URL or 'procedural'")
-    p.add_argument("--val", required=True, help="labeled val folder/URL or 'procedural'")
+    _splits_args(p)
     p.add_argument("--image-size", type=positive_int,
                    help="center crop side (default: the run's eval.image_size, else 224)")
     p.add_argument("--k", type=positive_int, nargs="+", default=[10, 20, 100, 200])
@@ -31,10 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_eval_knn)
 
     p = ev.add_parser("linear", help="linear probe on the frozen backbone (top-1/top-5)")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir/URL or backbone file")
-    weights_arg(p)
-    p.add_argument("--train", required=True, help="labeled train folder/URL or 'procedural'")
-    p.add_argument("--val", required=True, help="labeled val folder/URL or 'procedural'")
+    _splits_args(p)
     p.add_argument("--epochs", type=int, default=100, help="paper: 100")
     p.add_argument("--lr", type=float, default=0.001, help="base lr at batch 256 (SGD)")
     p.add_argument("--batch-size", type=int, default=256)
