@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 
 from dino_core.export import backbone_state_from_checkpoint, read_metadata, save_backbone
@@ -45,7 +44,7 @@ def load_backbone(uri: str, which: str = "teacher") -> tuple[nn.Module, DinoConf
         if not Path(local).is_file():
             raise FileNotFoundError(f"no backbone file {uri}")
         return load_backbone_file(local), file_config(local, uri)
-    state = ckpt.load_checkpoint(ckpt.resolve(uri))
+    _, state = ckpt.load(uri)
     cfg = DinoConfig.model_validate(state["config"])
     meta = state["backbone_meta"]
     with torch.random.fork_rng(devices=[]):
@@ -82,7 +81,7 @@ def _check_out(out: str) -> None:
 def export_backbone(checkpoint_uri: str, out: str, which: str = "teacher") -> str:
     if storage.is_local(out):
         _check_out(out)
-    state = ckpt.load_checkpoint(ckpt.resolve(checkpoint_uri))
+    _, state = ckpt.load(checkpoint_uri)
     weights = backbone_state_from_checkpoint(state, which)
     extra = run_metadata(DinoConfig.model_validate(state["config"])) if "config" in state else None
     if storage.is_local(out):
@@ -100,10 +99,7 @@ def checkpoint_config(uri: str) -> DinoConfig | None:
     """The run config saved beside a checkpoint (``config.yaml``) or in an exported file."""
     if uri.endswith(".safetensors"):
         return load_backbone(uri)[1]
-    uri = ckpt.resolve(uri)
-    fs, path = storage.get_fs(storage.join(uri, "config.yaml"))
-    blob = storage.with_retries(lambda: fs.cat_file(path), f"read of {uri}/config.yaml")
-    return DinoConfig.model_validate(yaml.safe_load(blob))
+    return DinoConfig.model_validate(ckpt.read_config(ckpt.resolve(uri)))
 
 
 def checkpoint_step(uri: str) -> int:

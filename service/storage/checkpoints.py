@@ -125,14 +125,15 @@ def is_checkpoint(uri: str) -> bool:
     return bool(fs.exists(path))
 
 
-def resolve(uri: str) -> str:
-    """The checkpoint meant by ``uri``: a checkpoint directory as it is, or the newest
-    complete checkpoint of a run folder (``<storage.root>/<run_name>``, local or URL).
+def committed(run_url: str) -> list[str]:
+    """The run's ``checkpoint_*`` directories whose manifest was written, oldest first (one
+    existence check each; the files are verified when a checkpoint is loaded)."""
+    return [c for c in checkpoint_dirs(run_url) if is_checkpoint(c)]
 
-    Raises:
-        CheckpointError: ``uri`` is Ray's snapshot file, or neither a checkpoint nor a run
-            folder with a complete checkpoint; the message says which.
-    """
+
+def _target(uri: str) -> tuple[str, list[str]]:
+    """``(uri, [])`` for a checkpoint directory, ``(uri, committed checkpoints)`` for a run
+    folder; raises CheckpointError naming what ``uri`` is instead."""
     uri = str(uri).rstrip("/")
     name = uri.split("/")[-1]
     if name == RAY_SNAPSHOT:
@@ -145,24 +146,40 @@ def resolve(uri: str) -> str:
     if not fs.isdir(path):
         raise CheckpointError(f"{uri} is a file, not a checkpoint directory or run folder")
     if is_checkpoint(uri):
-        return uri
-    candidates = checkpoint_dirs(uri)
-    for candidate in reversed(candidates):
-        try:
-            verify_uri(candidate)
-            return candidate
-        except CheckpointError as err:
-            log.warning("skipping damaged checkpoint %s: %s", candidate, err)
-    if candidates:
-        raise CheckpointError(f"{uri}: none of its {len(candidates)} checkpoints is complete")
+        return uri, []
+    found = committed(uri)
+    if found:
+        return uri, found
+    if dirs := checkpoint_dirs(uri):  # listed again on this error path only
+        raise CheckpointError(f"{uri}: none of its {len(dirs)} checkpoints is complete")
     raise CheckpointError(f"{uri} holds no checkpoint: no {MANIFEST} (a checkpoint that was "
                           f"never completed) and no {CHECKPOINT_PREFIX}* directories (a run "
                           f"folder)")
 
 
-def verify_uri(uri: str) -> dict[str, Any]:
-    """``verify`` for a local directory or a storage URL (downloaded first)."""
-    return verify(storage.download_dir(uri))
+def resolve(uri: str) -> str:
+    """The checkpoint meant by ``uri``: a checkpoint directory as it is, or the newest
+    committed checkpoint of a run folder (``<storage.root>/<run_name>``, local or URL).
+
+    Raises:
+        CheckpointError: ``uri`` is Ray's snapshot file, or neither a checkpoint nor a run
+            folder with a committed checkpoint; the message says which.
+    """
+    uri, found = _target(uri)
+    return found[-1] if found else uri
+
+
+def load(uri: str, map_location: str | torch.device = "cpu") -> tuple[str, dict[str, Any]]:
+    """``(checkpoint, state)`` of ``uri`` as ``resolve`` reads it; of a run folder, the newest
+    checkpoint that verifies (damaged ones are skipped with a warning). Each candidate is
+    downloaded and verified once, by ``load_checkpoint``."""
+    uri, found = _target(uri)
+    if not found:
+        return uri, load_checkpoint(uri, map_location)
+    loaded = load_latest_valid(found, map_location)
+    if loaded is None:
+        raise CheckpointError(f"{uri}: none of its {len(found)} checkpoints verifies")
+    return loaded
 
 
 def kept_locally(storage_url: str) -> list[tuple[Path, dict[str, Any] | None]]:

@@ -88,16 +88,6 @@ def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
                           f"run_name=... to start a new run")
 
 
-def newest_checkpoint(run_url: str) -> str | None:
-    for candidate in reversed(ckpt.checkpoint_dirs(run_url)):
-        try:
-            ckpt.verify_uri(candidate)
-            return candidate
-        except CheckpointError:
-            continue
-    return None
-
-
 def preflight(cfg: DinoConfig, run_url: str) -> None:
     """Everything about ``cfg`` that can be wrong without a cluster (``cfg`` resolved)."""
     check_storage(cfg.storage.root)
@@ -105,9 +95,9 @@ def preflight(cfg: DinoConfig, run_url: str) -> None:
     if cfg.eval.knn_every_epochs:
         check_images(cfg.eval.train_path, cfg.eval.train_source, cfg, "eval.train_path")
         check_images(cfg.eval.val_path, cfg.eval.val_source, cfg, "eval.val_path")
-    existing = newest_checkpoint(run_url)
-    if existing is not None:
-        check_same_model(existing, cfg, f"run {cfg.run_name!r}: its checkpoint")
+    existing = ckpt.committed(run_url)  # reads each manifest's presence, not the state
+    if existing:
+        check_same_model(existing[-1], cfg, f"run {cfg.run_name!r}: its checkpoint")
     elif cfg.train.resume:
         try:
             resume = ckpt.resolve(cfg.train.resume)

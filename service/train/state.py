@@ -149,8 +149,7 @@ class TrainState:
                 say(f"[dino] using {found[0]}: newer than Ray's last registered checkpoint "
                     f"{registered} (a worker died before reporting it)")
         if found is None and self.cfg.train.resume:
-            uri = ckpt.resolve(self.cfg.train.resume)
-            found = (uri, ckpt.load_checkpoint(uri))
+            found = ckpt.load(self.cfg.train.resume)
         if found is None:
             return None
         uri, s = found
