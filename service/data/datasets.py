@@ -93,16 +93,22 @@ def batched_augmentation(cfg: DinoConfig) -> BatchedMultiCrop | None:
     return BatchedMultiCrop(**asdict(multicrop_spec(cfg)))
 
 
+def eval_split(cfg: DinoConfig, source: DataSource, train: bool, transform: Callable,
+               size_hint: int | None = None) -> Dataset:
+    """A labeled split; the procedural one is the run's set on the split's own seed."""
+    e, d = cfg.eval, cfg.data
+    seed = d.seed + (EVAL_TRAIN_SEED_OFFSET if train else EVAL_VAL_SEED_OFFSET)
+    size = e.procedural_train_size if train else e.procedural_val_size
+    return open_images(source, transform, size, seed, cfg, size_hint=size_hint)
+
+
 def eval_datasets(cfg: DinoConfig) -> tuple[Dataset, Dataset]:
     """The labeled (train, val) splits for k-NN, with Resize + CenterCrop."""
-    e, d = cfg.eval, cfg.data
+    e = cfg.eval
     tf = eval_transform(e.image_size)
     hint = int(e.image_size * 256 / 224)  # eval_transform's resize of the shorter side
-    train = open_images(e.train_source, tf, e.procedural_train_size,
-                        d.seed + EVAL_TRAIN_SEED_OFFSET, cfg, size_hint=hint)
-    val = open_images(e.val_source, tf, e.procedural_val_size, d.seed + EVAL_VAL_SEED_OFFSET,
-                      cfg, size_hint=hint)
-    return train, val
+    return (eval_split(cfg, e.train_source, True, tf, hint),
+            eval_split(cfg, e.val_source, False, tf, hint))
 
 
 def num_classes(*splits: Dataset) -> int:
@@ -115,8 +121,6 @@ def num_classes(*splits: Dataset) -> int:
     if min(counts) == 0:
         raise DataError("a labeled split needs one sub-folder per class")
     return max(counts)
-
-
 
 
 def align_classes(train: Dataset, val: Dataset) -> None:

@@ -23,11 +23,8 @@ def labeled_split(path: str, image_size: int, cfg: DinoConfig | None, train: boo
                   transform: Callable | None = None):
     """A labeled split (``procedural``, a folder or a URL) with the eval transform, or
     ``transform``; the procedural set is the run's (``cfg``), on the split's own seed."""
-    cfg = cfg or DinoConfig()
-    seed = cfg.data.seed + (data.EVAL_TRAIN_SEED_OFFSET if train else data.EVAL_VAL_SEED_OFFSET)
-    size = cfg.eval.procedural_train_size if train else cfg.eval.procedural_val_size
-    return data.open_images(parse_source(path), transform or eval_transform(image_size), size,
-                            seed, cfg)
+    return data.eval_split(cfg or DinoConfig(), parse_source(path), train,
+                           transform or eval_transform(image_size))
 
 
 def eval_image_size(image_size: int | None, cfg: DinoConfig | None, model: torch.nn.Module) -> int:

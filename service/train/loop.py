@@ -128,7 +128,6 @@ class Loop:
             self.guard.failed(err)
         s.global_step += 1
         s.batch_in_epoch += 1
-        s.skipped_steps = self.guard.skipped
         self.progress.step_done(len(crops[0]))
         log_due = self.cadence.log_due(s.global_step)
         if log_due or s.global_step >= s.total_steps:
@@ -137,7 +136,7 @@ class Loop:
             self.log({"loss": out.loss, **values, **{k: float(v) for k, v in out.stats.items()},
                       "images_per_sec": self.progress.images_per_sec(),
                       "step_time": time.time() - started, "epoch": s.epoch,
-                      "skipped_images": self.skipped_images, "nonfinite_steps": s.skipped_steps})
+                      "skipped_images": self.skipped_images, "nonfinite_steps": self.guard.skipped})
             self.progress.new_window()
 
     def check_unreadable(self) -> None:
@@ -176,7 +175,7 @@ class Loop:
     # ---- reporting ---------------------------------------------------------------------
     def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
         s = self.state
-        s.skipped_steps = self.guard.skipped
+        s.skipped_steps = self.guard.skipped  # the guard counts; the state saves the count
         if checkpoint and self.ctx.rank == 0:
             with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as d:
                 ckpt.write_checkpoint(d, s.state_dict(), to_yaml(self.cfg))
