@@ -45,8 +45,6 @@ def mlflow_args(p: argparse.ArgumentParser) -> None:
                                           "then MLFLOW_TRACKING_URI, then the local default)")
 
 
-
-
 def positive_int(text: str) -> int:
     """An argparse type: an integer of at least 1."""
     try:

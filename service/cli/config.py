@@ -17,7 +17,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_presets)
 
 
-
 def cmd_presets(_: argparse.Namespace) -> int:
     print("\n".join(preset_names()))
     return 0

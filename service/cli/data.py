@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from service.cli.common import positive_int
@@ -45,6 +44,5 @@ def cmd_data(args: argparse.Namespace) -> int:
     masks = "" if args.no_masks else f", masks under {out}_masks"
     print(f"wrote {args.n} images to {out}{masks}: {size} px, {classes} classes, difficulty "
           f"{difficulty:g}, {'colourful' if colourful else 'light shapes on dark grey'}, "
-          f"seed {args.seed}" + (f" (preset {args.preset})" if args.preset else ""),
-          file=sys.stdout)
+          f"seed {args.seed}" + (f" (preset {args.preset})" if args.preset else ""))
     return 0

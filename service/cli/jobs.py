@@ -88,7 +88,6 @@ def cluster_args(command: str, args: list[str]) -> list[str]:
     return out
 
 
-
 def cmd_submit(args: argparse.Namespace) -> int:
     from service.cluster import jobs
 

@@ -13,7 +13,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_stack)
 
 
-
 def cmd_stack(args: argparse.Namespace) -> int:
     from service.devtools import stack
 

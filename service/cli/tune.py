@@ -25,7 +25,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_tune)
 
 
-
 def cmd_tune(args: argparse.Namespace) -> int:
     from service.sweep import DEFAULT_SPACE, OBJECTIVE, SweepSpec, run_sweep
 

@@ -117,8 +117,6 @@ def _driver_resources() -> dict[str, float]:
     return {"cpu": 0.1}
 
 
-
-
 def knn_chance(cfg: DinoConfig) -> float:
     """Chance top-1 (%) of the k-NN objective: one over the labeled split's class count (a
     folder split's own, not the procedural set's)."""
