@@ -279,22 +279,17 @@ def run_checks(args, s: Setting, device: torch.device) -> None:
             loss_and_grads(fast, crops), plain, 2e-2, 1e-1)
 
 
-def run_e2e(args, s: Setting, device: torch.device, synthetic_ips: float) -> None:
-    """Encoded JPEGs -> DataLoader decode -> batched multi-crop on the device -> step."""
+def write_jpegs(n: int) -> tuple[str, float]:
+    """``n`` 500x375 JPEGs in 10 class folders; returns (folder, seconds)."""
     import tempfile
 
     import numpy as np
     from PIL import Image
 
-    from dino_core.augment_batched import BatchedMultiCrop, ToCanvas
-    from dino_core.data.collate import collate_multicrop
-    from dino_core.data.folder import ImageFolder
-
-    canvas = 256 if s.global_size >= 224 else 2 * s.global_size
     root = tempfile.mkdtemp(prefix="dino-e2e-")
     rng = np.random.default_rng(0)
     t0 = time.perf_counter()
-    for i in range(args.e2e):
+    for i in range(n):
         # smooth random colour fields with noise: JPEG sizes like photos (~60-120 kB at 500 px)
         low = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
         img = Image.fromarray(low).resize((500, 375), Image.BICUBIC)
@@ -302,16 +297,11 @@ def run_e2e(args, s: Setting, device: torch.device, synthetic_ips: float) -> Non
         os.makedirs(f"{root}/c{i % 10}", exist_ok=True)
         Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(f"{root}/c{i % 10}/{i}.jpg",
                                                                  quality=90)
-    written = time.perf_counter() - t0
-    batch = max(args.batch)
-    workers = max(1, min(16, os.cpu_count() or 1) - 1)
-    ds = ImageFolder(root, transform=ToCanvas(canvas), size_hint=canvas)
-    loader = torch.utils.data.DataLoader(
-        ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
-        collate_fn=collate_multicrop, pin_memory=device.type == "cuda",
-        persistent_workers=True, prefetch_factor=4)
-    aug = BatchedMultiCrop(s.global_size, s.local_size, s.n_local)
-    gen = torch.Generator().manual_seed(0)
+    return root, time.perf_counter() - t0
+
+
+def time_pipeline(args, s: Setting, device: torch.device, loader, crops_of) -> tuple[float, float]:
+    """(images/s of loader -> ``crops_of(batch)`` -> step, seconds to the first batches)."""
     template = networks(s)
     st, te = (copy.deepcopy(m).to(device) for m in template)
     step = ProjectStep(st, te, s.out_dim, device, args.compile)
@@ -321,22 +311,70 @@ def run_e2e(args, s: Setting, device: torch.device, synthetic_ips: float) -> Non
             yield from loader
 
     it = batches()
-    decode_only, n_seen = time.perf_counter(), 0
+    started = time.perf_counter()
     for _ in range(3):
-        n_seen += len(next(it)[0])
+        next(it)
+    first = time.perf_counter() - started
+    batch = max(args.batch)
     for i in range(args.warmup + args.steps * 2):
         if i == args.warmup:
             sync(device)
             t0 = time.perf_counter()
-        images = next(it)[0].to(device, non_blocking=True)
-        step(aug(images, gen))
+        step(crops_of(next(it)))
     sync(device)
-    ips = batch * args.steps * 2 / (time.perf_counter() - t0)
-    emit({"bench": "e2e", "setting": args.setting, "device": device_name(device),
-          "images": args.e2e, "loader_workers": workers, "batch": batch,
-          "img_per_s": round(ips, 1), "synthetic_img_per_s": round(synthetic_ips, 1),
-          "ratio_vs_synthetic": round(ips / synthetic_ips, 3),
-          "jpeg_write_s": round(written, 1), "first_batches_s": round(t0 - decode_only, 1)})
+    return batch * args.steps * 2 / (time.perf_counter() - t0), first
+
+
+def run_e2e(args, s: Setting, device: torch.device, synthetic_ips: float) -> None:
+    """Encoded JPEGs -> DataLoader decode -> batched multi-crop on the device -> step; with
+    ``--e2e-packed`` also: the same JPEGs packed into shards -> the streaming reader (encoded
+    bytes) -> decode on the device (nvjpeg on CUDA) -> crops of each full image -> step."""
+    from dino_core.augment_batched import BatchedMultiCrop, ToCanvas
+    from dino_core.augment_full import full_image_views
+    from dino_core.data.collate import collate_multicrop
+    from dino_core.data.folder import ImageFolder
+
+    canvas = 256 if s.global_size >= 224 else 2 * s.global_size
+    root, written = write_jpegs(args.e2e)
+    batch = max(args.batch)
+    workers = max(1, min(16, os.cpu_count() or 1) - 1)
+    aug = BatchedMultiCrop(s.global_size, s.local_size, s.n_local)
+    gen = torch.Generator().manual_seed(0)
+    ds = ImageFolder(root, transform=ToCanvas(canvas), size_hint=canvas)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=workers,
+        collate_fn=collate_multicrop, pin_memory=device.type == "cuda",
+        persistent_workers=True, prefetch_factor=4)
+    ips, first = time_pipeline(args, s, device, loader,
+                               lambda b: aug(b[0].to(device, non_blocking=True), gen))
+    row = {"bench": "e2e", "setting": args.setting, "device": device_name(device),
+           "images": args.e2e, "loader_workers": workers, "batch": batch,
+           "synthetic_img_per_s": round(synthetic_ips, 1), "jpeg_write_s": round(written, 1)}
+    emit({**row, "source": "folder, canvas decoded on CPU", "img_per_s": round(ips, 1),
+          "ratio_vs_synthetic": round(ips / synthetic_ips, 3), "first_batches_s": round(first, 1)})
+    if not args.e2e_packed:
+        return
+    from service.data import collate_encoded, read_manifest
+    from service.data.pack import pack
+    from service.data.stream import ShardStream
+
+    pack(root, root + "-packed", parallel=False)
+    stream = ShardStream(read_manifest(root + "-packed"), None, None, raw=True)
+    epochs = iter(range(10**6))
+
+    def packed_batches():
+        while True:
+            stream.configure(epoch=next(epochs), rank=0, world=1, batch=batch, streams=workers)
+            yield from torch.utils.data.DataLoader(
+                stream, batch_size=batch, num_workers=workers, collate_fn=collate_encoded,
+                prefetch_factor=4)
+
+    side = max(canvas, 496 * s.local_size // 96)  # the service's full_image_side at paper sizes
+    ips, first = time_pipeline(args, s, device, packed_batches(),
+                               lambda b: full_image_views(aug, b[0], device, gen, side)[0])
+    emit({**row, "source": "packed shards, decoded on the device, full-image crops",
+          "img_per_s": round(ips, 1), "ratio_vs_synthetic": round(ips / synthetic_ips, 3),
+          "first_batches_s": round(first, 1)})
 
 
 def device_name(device: torch.device) -> str:
@@ -355,6 +393,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compile", action="store_true", help="add torch.compile'd backbones")
     p.add_argument("--check", action="store_true", help="numerics of the fast path")
     p.add_argument("--e2e", type=int, default=0, help="JPEGs for the end-to-end rate")
+    p.add_argument("--e2e-packed", action="store_true",
+                   help="e2e also from packed shards with decode on the device")
     p.add_argument("--variants", default="", help="comma-separated subset of the variants")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
     args = p.parse_args(argv)

@@ -5,12 +5,17 @@ The per-image :class:`dino_core.augment.MultiCropAugmentation` runs in DataLoade
 data-bound, and no number of CPU workers keeps an H100 fed at paper sizes. Here one call maps a
 uint8 batch ``(B, 3, H, W)`` to all ``2 + n_local`` views with the same distributions (Caron et
 al., 2021, Appendix D; BYOL's colour chain), each crop drawing its own parameters: boxes come
-from torchvision's RandomResizedCrop sampler, vectorised (:func:`sample_boxes`); one
+from torchvision's RandomResizedCrop sampler, vectorised (:mod:`dino_core.augment_boxes`); one
 ``F.grid_sample`` resamples many crops; each photometric op runs on the crops that drew it,
 with per-crop factors. On one core (``bench/augment.py``) that is ~6,000 small images/s (15x
-the reference's PIL pipeline) and ~110 paper-size images/s (2x). Typical use: a DataLoader
-yields uint8 canvases (:class:`ToCanvas`), the training loop moves them to the GPU and calls
-:class:`BatchedMultiCrop` there.
+the reference's PIL pipeline) and ~110 paper-size images/s (2x). Two ways in:
+
+- Canvas: a DataLoader yields square uint8 canvases (:class:`ToCanvas`), the training loop
+  moves them to the GPU and calls :class:`BatchedMultiCrop` there.
+- Full images: the loop gets encoded bytes and calls
+  :func:`dino_core.augment_full.full_image_views`, which decodes them (batched nvJPEG on
+  CUDA), pads them into one batch and passes each image's size (``sizes=``), so boxes are
+  drawn on each whole image as RandomResizedCrop does.
 
 Deviations from the per-image pipeline, all deliberate:
 
@@ -19,10 +24,13 @@ Deviations from the per-image pipeline, all deliberate:
   antialiasing either), and ``roi_align(aligned=True, sampling_ratio=2)``, which averages
   2 x 2 bilinear taps, was 3-6x slower than bilinear ``grid_sample``. The paper's crops shrink
   by at most ~1.7x (a 40% local crop of a 256 px canvas to 96 px), where bilinear aliasing
-  stays mild, and half of the local crops are blurred anyway.
-- Crops come from a square canvas (:func:`decode_to_canvas`: shorter side resized, then
-  centre-cropped), not from the full decoded image: the sides of non-square images are never
-  seen, and crop areas are fractions of the canvas.
+  stays mild, and half of the local crops are blurred anyway. On full images the shrink is
+  bounded via ``max_short_side`` (antialiased beforehand; no crop side exceeds 4/3 of it):
+  about 8/7 of the global size keeps it near the canvas path's.
+- Canvas path only: crops come from a square canvas (:func:`decode_to_canvas`: shorter side
+  resized, then centre-cropped), not from the full decoded image: the sides of non-square
+  images are never seen, and crop areas are fractions of the canvas. With ``sizes`` the boxes
+  are the reference's, on the whole image (downscaled only past ``max_short_side``).
 - Taps at a crop's border may read the pixel just outside its box (torchvision crops first,
   then resizes); values stay float32 between ops (the reference rounds to uint8 after each).
 - None in the colour chain: ColorJitter's random order of its four ops is drawn per crop, and
@@ -40,7 +48,6 @@ as one chunk, 110 in chunks of 1-3 images). Other devices take the batch in one 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -53,6 +60,7 @@ from dino_core.augment import (
     MULTICROP,
     check_multicrop,
 )
+from dino_core.augment_boxes import RATIO, sample_boxes, sample_boxes_sized  # noqa: F401
 from dino_core.augment_canvas import ToCanvas, decode_to_canvas  # noqa: F401
 from dino_core.augment_ops import (  # noqa: F401 - part of this module's interface
     JITTER_OPS,
@@ -67,52 +75,9 @@ from dino_core.augment_ops import (  # noqa: F401 - part of this module's interf
     to_device,
 )
 
-RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 JITTER_P, GRAYSCALE_P, FLIP_P = 0.8, 0.2, 0.5
 # ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1): factor ranges.
 JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
-
-
-def sample_boxes(
-    n: int,
-    height: int,
-    width: int,
-    scale: tuple[float, float],
-    generator: torch.Generator | None = None,
-    ratio: tuple[float, float] = RATIO,
-    tries: int = 10,
-) -> torch.Tensor:
-    """``RandomResizedCrop.get_params`` for ``n`` crops at once, on the CPU.
-
-    Each crop draws ``tries`` candidates (area fraction uniform in ``scale``, log aspect ratio
-    uniform in ``log(ratio)``) and keeps the first that fits; if none fits it falls back to
-    torchvision's centre crop, clamped to ``ratio``.
-
-    Returns:
-        int64 ``(n, 4)``: ``(top, left, height, width)`` per crop, in pixels.
-    """
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    s = torch.empty(n, tries, dtype=torch.float64).uniform_(*scale, generator=generator)
-    r = torch.empty(n, tries, dtype=torch.float64).uniform_(log_lo, log_hi, generator=generator)
-    w = torch.sqrt(area * s * r.exp()).round().long()
-    h = torch.sqrt(area * s / r.exp()).round().long()
-    valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = valid.to(torch.uint8).argmax(dim=1, keepdim=True)  # argmax returns the first max
-    w, h = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1)
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        fw, fh = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        fw, fh = int(round(height * ratio[1])), height
-    else:
-        fw, fh = width, height
-    fits = valid.any(dim=1)
-    w, h = torch.where(fits, w, fw), torch.where(fits, h, fh)
-    u = torch.rand(n, 2, dtype=torch.float64, generator=generator)
-    top = torch.where(fits, (u[:, 0] * (height - h + 1)).floor().long(), (height - h) // 2)
-    left = torch.where(fits, (u[:, 1] * (width - w + 1)).floor().long(), (width - w) // 2)
-    return torch.stack([top, left, h, w], dim=1)
 
 
 def _grouped(
@@ -186,13 +151,20 @@ class BatchedMultiCrop:
         self.cpu_chunk_elements = cpu_chunk_elements
 
     def __call__(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        generator: torch.Generator | None = None,
+        sizes: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """Draws all views of a batch.
 
         Args:
             images: ``(B, 3, H, W)`` uint8, or float in [0, 1], on any device.
             generator: A CPU generator for every random draw; ``None`` uses torch's default.
+            sizes: int64 ``(B, 2)`` on the CPU, or ``None``: image ``b``'s real
+                ``(height, width)`` inside a padded batch, its pixels top-left aligned
+                (:func:`dino_core.augment_full.pad_batch`); its boxes are then drawn on that
+                size. ``None``: every image fills the whole ``H x W`` (a canvas).
 
         Returns:
             ``[global1, global2, local_1, ..., local_n]``: float32 normalised tensors on the
@@ -203,18 +175,30 @@ class BatchedMultiCrop:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
         if generator is not None and generator.device.type != "cpu":
             raise ValueError("the generator must be a CPU generator (draws are moved to device)")
-        b = images.shape[0]
+        b, _, height, width = images.shape
+        if sizes is None:  # same boxes, draw for draw, as drawing on H x W directly
+            sizes = torch.tensor([[height, width]]).expand(b, 2)
+        else:
+            sizes = torch.as_tensor(sizes, dtype=torch.int64, device="cpu")
+            bad = sizes.shape != (b, 2) or not (
+                (sizes >= 1).all() and (sizes <= torch.tensor([height, width])).all()
+            )
+            if bad:
+                raise ValueError(
+                    f"sizes must be (B, 2) = ({b}, 2) (height, width) within {height}x{width}"
+                )
         # Asymmetric global views (BYOL): view 1 is always blurred and never solarized,
         # view 2 is rarely blurred and sometimes solarized.
         blur_p = torch.tensor([1.0, 0.1]).repeat_interleave(b)
         solarize_p = torch.tensor([0.0, 0.2]).repeat_interleave(b)
         views = self._views(
-            images, 2, self.global_size, self.global_scale, blur_p, solarize_p, generator
+            images, sizes, 2, self.global_size, self.global_scale, blur_p, solarize_p, generator
         )
         if self.n_local:
             no_solarize = torch.zeros(self.n_local * b)
             views += self._views(
                 images,
+                sizes,
                 self.n_local,
                 self.local_size,
                 self.local_scale,
@@ -224,12 +208,12 @@ class BatchedMultiCrop:
             )
         return views
 
-    def _views(self, images, n_views, size, scale, blur_p, solarize_p, generator):
+    def _views(self, images, sizes, n_views, size, scale, blur_p, solarize_p, generator):
         """``n_views`` views of one size; per-crop arrays are view-major, ``(n_views * B,)``."""
-        b, _, height, width = images.shape
+        b = images.shape[0]
         n = n_views * b
         p = {  # the draw order below is part of the reproducibility contract
-            "box": sample_boxes(n, height, width, scale, generator).double(),
+            "box": sample_boxes_sized(sizes.repeat(n_views, 1), scale, generator).double(),
             "flip": torch.rand(n, generator=generator) < FLIP_P,
             "jitter": torch.rand(n, generator=generator) < JITTER_P,
             "order": torch.rand(n, 4, generator=generator).argsort(dim=1),
@@ -257,7 +241,9 @@ class BatchedMultiCrop:
         """Resamples the boxes of ``(nb, 3, H, W)`` to ``(nb * n_views, 3, size, size)``.
 
         One ``grid_sample`` per chunk: image ``i``'s views are stacked along the output's
-        height, so the input is never copied per crop.
+        height, so the input is never copied per crop. Boxes are in pixels of the (padded)
+        batch, normalised by its ``H, W``; a box inside a smaller top-left aligned image reads
+        the same pixels as in a batch of that image alone.
         """
         nb, _, height, width = images.shape
         x = images.float().div_(255) if not images.is_floating_point() else images.float()

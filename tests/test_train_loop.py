@@ -110,3 +110,29 @@ def test_a_nonfinite_loss_stops_the_in_process_loop_with_the_state_untouched(
         _run(tmp_path, "nan", "train.checkpoint_every_steps=2")
     kept = ckpt.checkpoint_dirs(str(tmp_path / "nan"))
     assert [ckpt.verify(d)["global_step"] for d in kept] == [2]
+
+
+@pytest.fixture(scope="module")
+def packed_images(tmp_path_factory) -> Path:
+    from dino_core.data.procedural import write_image_folder
+    from service.data.pack import pack
+
+    root = tmp_path_factory.mktemp("packed")
+    write_image_folder(root / "imgs", 52, 24, 3, 0, masks=False)
+    pack(str(root / "imgs"), str(root / "shards"), shard_bytes=8_000, parallel=False)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("crop_source", ["canvas", "full_image"])
+def test_a_run_stopped_mid_epoch_on_packed_data_resumes_exactly(
+        tmp_path, packed_images, one_torch_thread, crop_source):
+    data = [f"data.path={packed_images}", "data.num_workers=2", "data.shuffle_buffer=4",
+            f"aug.crop_source={crop_source}", "train.epochs=2"]
+    whole, _, loop = _run(tmp_path, "whole", *data)
+    niter = loop.state.niter_per_ep
+    assert niter == 6 and sorted(whole.losses()) == list(range(1, 2 * niter + 1))
+    first, _, stopped = _run(tmp_path, "split", *data, f"train.max_steps={niter + 3}")
+    assert stopped.state.batch_in_epoch == 3  # mid-epoch
+    second, _, resumed = _run(tmp_path, "split", *data)
+    assert resumed.restored_from is not None
+    assert {**first.losses(), **second.losses()} == whole.losses()

@@ -1,4 +1,5 @@
-"""``dino data``: the procedural labeled image set written to a folder."""
+"""``dino data``: the procedural labeled image set written to a folder; ``dino data pack``:
+a folder or URL of images packed into WebDataset shards for training at scale."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from service.config import ConfigError, DinoConfig, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("data", help="write the procedural labeled image set to a folder",
+    p = sub.add_parser("data", help="write the procedural labeled image set to a folder; "
+                                    "`dino data pack SRC DEST`: pack images into shards",
                        epilog="Without --preset the data section's defaults are used; with "
                               "--preset quickstart the images look like the quickstart's.")
-    p.add_argument("--out", required=True, help="a new or empty folder")
+    p.add_argument("--out", help="a new or empty folder")
     p.add_argument("--preset", help="take image size, classes, difficulty and colours from "
                                     "this preset's data section")
     p.add_argument("--n", type=positive_int, default=1200, help="images to write")
@@ -26,11 +28,46 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="random colours (--no-colourful: light shapes on dark grey)")
     p.add_argument("--no-masks", action="store_true")
     p.set_defaults(fn=cmd_data)
+    verbs = p.add_subparsers(dest="data_verb", metavar="pack")
+    pk = verbs.add_parser(
+        "pack", help="pack a folder or URL of images into WebDataset shards + a manifest",
+        epilog="Then train with data.path=DEST. Re-running the same command finishes an "
+               "interrupted pack. Shards are packed in parallel as Ray tasks (a local Ray, or "
+               "the cluster at --address / RAY_ADDRESS).")
+    pk.add_argument("src", help="folder or URL of images (class sub-folders keep labels)")
+    pk.add_argument("dest", help="folder or URL for the shards (any fsspec URL)")
+    pk.add_argument("--shard-mb", type=float, default=256, help="shard size (default 256 MB)")
+    pk.add_argument("--address", help="Ray cluster (default: RAY_ADDRESS, else a local Ray)")
+    pk.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray")
+    pk.add_argument("--in-process", action="store_true", help="no Ray: pack in this process")
+    pk.set_defaults(fn=cmd_pack)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from service.data.pack import pack
+    from service.train.driver import init_ray
+
+    if args.shard_mb <= 0:
+        raise ConfigError(f"--shard-mb must be positive, got {args.shard_mb:g}")
+    cfg = load_config(overrides=[f"ray.address={args.address}"] if args.address else [])
+    if not args.in_process and cfg.ray.address:
+        init_ray(cfg)  # else pack() starts a local Ray of its own, without a dashboard
+    result = pack(args.src, args.dest, int(args.shard_mb * 2**20),
+                  parallel=not args.in_process, progress=print, num_cpus=args.num_cpus)
+    m = result.manifest
+    print(f"packed {m.num_images} images into {len(m.shards)} shards under {m.prefix} in "
+          f"{result.seconds:.1f} s ({result.packed_now} shards this run); "
+          f"{len(result.skipped)} unreadable files skipped"
+          + (f", listed in {m.prefix}/pack-report.json" if result.skipped else ""))
+    print(f"train on it with: dino train data.path={m.prefix}")
+    return 0
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     from dino_core.data.procedural import write_image_folder
 
+    if not args.out:
+        raise ConfigError("dino data needs --out FOLDER (or `dino data pack SRC DEST`)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a new or empty folder")

@@ -16,6 +16,7 @@ from service.config.sources import (
     DataSource,
     FolderSource,
     ProceduralSource,
+    ShardsSource,
     UrlSource,
     parse_source,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "DinoConfig",
     "FolderSource",
     "ProceduralSource",
+    "ShardsSource",
     "UrlSource",
     "apply_overrides",
     "backbone_meta",

@@ -46,7 +46,8 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     path: str = Field(
         "procedural",
-        description="image folder (local or fsspec URL) or 'procedural' for the built-in set",
+        description="image folder (local or fsspec URL), a packed dataset (its prefix or "
+        "manifest.json; `dino data pack`) or 'procedural' for the built-in set",
     )
     procedural_size: int = Field(4096, ge=1, description="images in the procedural set")
     procedural_classes: int = Field(6, ge=2, le=8, description="shape classes (chance = 1/n)")
@@ -62,6 +63,15 @@ class DataConfig(_Section):
         0.5, ge=0, le=1, description="stop when more of the images than this cannot be read: "
         "a folder of mostly broken files is a wrong path, not data; a few are skipped")
     seed: int = Field(0, description="seed of the procedural set")
+    loader: Literal["torch", "ray_data"] = Field(
+        "torch", description="torch: each worker reads its own share (packed data: its own "
+        "shards); ray_data: Ray Data decodes on a pool of CPU tasks, on any node")
+    shuffle_buffer: int = Field(
+        1024, ge=0, description="packed data: samples held per loader process for shuffling "
+        "within the per-epoch shard order (memory: this many encoded images)")
+    trace_dir: str | None = Field(
+        None, description="packed data, debugging: write the key of every image read, one "
+        "file per epoch, rank and loader process (coverage checks)")
 
     @property
     def source(self) -> DataSource:
@@ -83,6 +93,10 @@ class AugConfig(_Section):
     canvas_size: int | None = Field(
         None, ge=8, description="batched: decoded canvas side (default global_size * 8 / 7)"
     )
+    crop_source: Literal["auto", "canvas", "full_image"] = Field(
+        "auto", description="batched: crop from a square canvas decoded in the loader, or "
+        "from each full image, decoded in batches on the training device (JPEGs on CUDA with "
+        "nvjpeg) as RandomResizedCrop does; auto: full_image for packed data on CUDA")
 
     @model_validator(mode="after")
     def _check(self) -> AugConfig:

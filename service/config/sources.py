@@ -2,7 +2,8 @@
 
 The config keeps the user's spelling (``data.path=procedural``, ``data.path=/imgs``,
 ``data.path=s3://bucket/imgs``); ``parse_source`` turns it into one of the kinds below, and
-the data layer dispatches on the kind. The sharded datasets of the data issue add a kind here.
+the data layer dispatches on the kind. A folder or URL holding a ``manifest.json`` is a
+packed dataset; that is looked up when the data is opened (``service.data``), not here.
 """
 
 from __future__ import annotations
@@ -41,13 +42,26 @@ class UrlSource:
         return self.url
 
 
-DataSource = ProceduralSource | FolderSource | UrlSource
+@dataclass(frozen=True)
+class ShardsSource:
+    """A packed dataset (``dino data pack``): WebDataset shards and their manifest, named by
+    the manifest's URL or path (``.../manifest.json``) or by the prefix holding it."""
+
+    location: str
+
+    def __str__(self) -> str:
+        return self.location
+
+
+DataSource = ProceduralSource | FolderSource | UrlSource | ShardsSource
 
 
 def parse_source(text: str) -> DataSource:
     """``procedural``, a local path (``file://`` allowed) or a URL with a scheme."""
     if text == PROCEDURAL:
         return ProceduralSource()
+    if text.rstrip("/").endswith("manifest.json"):
+        return ShardsSource(text)
     if "://" in text and not text.startswith("file://"):
         return UrlSource(text)
     return FolderSource(text.removeprefix("file://"))
@@ -58,4 +72,6 @@ def absolute(text: str) -> str:
     source = parse_source(text)
     if isinstance(source, FolderSource):
         return str(Path(source.path).expanduser().resolve())
+    if isinstance(source, ShardsSource) and "://" not in text:
+        return str(Path(text).expanduser().resolve())
     return text

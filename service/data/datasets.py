@@ -19,10 +19,13 @@ from service.config import (
     DinoConfig,
     FolderSource,
     ProceduralSource,
+    ShardsSource,
     UrlSource,
     multicrop_spec,
 )
 from service.data.remote import RemoteImageFolder
+from service.data.shards import is_packed, read_manifest
+from service.data.stream import ShardStream
 from service.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -31,13 +34,22 @@ log = logging.getLogger(__name__)
 EVAL_TRAIN_SEED_OFFSET, EVAL_VAL_SEED_OFFSET = 1000, 2000
 
 
-def open_images(source: DataSource, transform: Callable, size: int, seed: int,
-                cfg: DinoConfig, size_hint: int | None = None) -> Dataset:
-    """The images of ``source``; for the procedural set, ``size`` images of ``seed``.
+def open_images(source: DataSource, transform: Callable | None, size: int, seed: int,
+                cfg: DinoConfig, size_hint: int | None = None, raw: bool = False) -> Dataset:
+    """The images of ``source``; for the procedural set, ``size`` images of ``seed``. A
+    folder or URL holding a ``manifest.json`` is read as the packed dataset it is.
 
     ``size_hint``: the smallest side the transform needs; large JPEGs are decoded at a
-    reduced scale that keeps both sides at least this long (see ``load_rgb``)."""
+    reduced scale that keeps both sides at least this long (see ``load_rgb``).
+    ``raw``: packed data only: items are the encoded bytes (decoded on the device)."""
+    if isinstance(source, FolderSource | UrlSource) and is_packed(str(source)):
+        source = ShardsSource(str(source))
     match source:
+        case ShardsSource(location):
+            d = cfg.data
+            return ShardStream(read_manifest(location), transform, size_hint,
+                               shuffle_buffer=d.shuffle_buffer, seed=cfg.train.seed,
+                               trace_dir=d.trace_dir, raw=raw)
         case ProceduralSource():
             d = cfg.data
             return ProceduralShapes(size, d.procedural_image_size, d.procedural_classes, seed,
@@ -58,6 +70,16 @@ def canvas_size(cfg: DinoConfig) -> int:
     return cfg.aug.canvas_size or round(cfg.aug.global_size * 8 / 7)
 
 
+def full_image_side(cfg: DinoConfig) -> int:
+    """The shorter side full images are decoded down to: the per-image backend's decode size
+    (below), at which no crop of the paper's scales is upsampled (496 px for 96 px local
+    crops at scale 0.05); ImageNet's ~500x375 photos keep their resolution."""
+    a = cfg.aug
+    return max(math.ceil(size / math.sqrt(scale * 3 / 4))
+               for size, scale in ((a.global_size, a.global_scale[0]),
+                                   (a.local_size, a.local_scale[0])))
+
+
 def decode_size_hint(cfg: DinoConfig) -> int:
     """The shortest image side at which no training crop is upsampled.
 
@@ -67,17 +89,30 @@ def decode_size_hint(cfg: DinoConfig) -> int:
     the side must be ``size / sqrt(s * 3/4)``: 496 px for the paper's 96 px local crops at
     scale 0.05, which lets a 6000x4000 JPEG decode at 1/8 scale (750x500).
     """
-    a = cfg.aug
-    if batched(cfg):
-        return canvas_size(cfg)
-    return max(math.ceil(size / math.sqrt(scale * 3 / 4))
-               for size, scale in ((a.global_size, a.global_scale[0]),
-                                   (a.local_size, a.local_scale[0])))
+    return canvas_size(cfg) if batched(cfg) else full_image_side(cfg)
 
 
-def train_dataset(cfg: DinoConfig) -> Dataset:
+def full_image(cfg: DinoConfig, device_type: str) -> bool:
+    """Whether crops are cut from each full image decoded on the device (``aug.crop_source``)
+    rather than from canvases decoded in the loader."""
+    source = cfg.aug.crop_source
+    if not batched(cfg) or source == "canvas" or cfg.data.loader == "ray_data":
+        return False
+    packed = isinstance(cfg.data.source, ShardsSource) or (
+        not isinstance(cfg.data.source, ProceduralSource) and is_packed(cfg.data.path))
+    if source == "full_image" and not packed:
+        raise DataError("aug.crop_source=full_image needs a packed dataset in data.path "
+                        "(`dino data pack SRC DEST`)")
+    return packed and (source == "full_image" or device_type == "cuda")
+
+
+def train_dataset(cfg: DinoConfig, raw: bool = False) -> Dataset:
     """Per-image backend: items are lists of crops. Batched backend: items are uint8
-    canvases, cropped on the device by ``batched_augmentation``."""
+    canvases, cropped on the device by ``batched_augmentation``; with ``raw`` (packed data),
+    the encoded images, decoded and cropped on the device."""
+    if raw:
+        d = cfg.data
+        return open_images(d.source, None, d.procedural_size, d.seed, cfg, raw=True)
     if batched(cfg):
         tf: Callable = ToCanvas(canvas_size(cfg))
     else:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dino_core.data.collate import collate_multicrop
 from service.config import DinoConfig
+from service.data.stream import ShardStream
 from service.errors import DataError
 
 
@@ -40,12 +41,37 @@ class ShardSampler(Sampler[int]):
         return max(self.n // self.world - self.skip, 0)
 
 
+def collate_encoded(batch: list[tuple[torch.Tensor, int] | None]
+                    ) -> tuple[list[torch.Tensor], torch.Tensor, int]:
+    """Encoded images (uint8 ``(n_i,)`` each) stay a list; missing ones are dropped."""
+    kept = [item for item in batch if item is not None]
+    labels = torch.as_tensor([int(y) for _, y in kept], dtype=torch.long)
+    return [x for x, _ in kept], labels, len(batch) - len(kept)
+
+
+def loader_streams(cfg: DinoConfig) -> int:
+    """Streams of a packed dataset per rank: one per loader process."""
+    return max(1, cfg.data.num_workers)
+
+
 def train_loader(ds: Dataset, cfg: DinoConfig, rank: int, world: int, epoch: int,
-                 skip_batches: int, pin_memory: bool) -> DataLoader:
+                 skip_batches: int, pin_memory: bool, streams: int | None = None) -> DataLoader:
     """A loader for one epoch. Rebuilt every epoch with a generator seeded by
     (seed, rank, epoch), so augmentations of an epoch do not depend on earlier epochs and a
-    run resumed at an epoch boundary sees exactly the same crops."""
+    run resumed at an epoch boundary sees exactly the same crops.
+
+    A packed dataset is read by ``streams`` loader processes (default ``loader_streams``);
+    a run resumed mid-epoch passes the count its epoch started with."""
     local_batch = cfg.train.batch_size // world
+    if isinstance(ds, ShardStream):
+        streams = streams or loader_streams(cfg)
+        ds.configure(epoch=epoch, rank=rank, world=world, batch=local_batch, streams=streams,
+                     skip_batches=skip_batches)
+        workers = streams if streams > 1 or cfg.data.num_workers else 0
+        return DataLoader(ds, batch_size=local_batch, num_workers=workers,
+                          collate_fn=collate_encoded if ds.raw else collate_multicrop,
+                          pin_memory=pin_memory and not ds.raw,
+                          prefetch_factor=4 if workers else None)
     sampler = ShardSampler(len(ds), rank, world, cfg.train.seed, epoch, skip_batches * local_batch)
     gen = torch.Generator().manual_seed(
         int(np.random.default_rng((cfg.train.seed, rank, epoch, skip_batches)).integers(2**62))

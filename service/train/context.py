@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from service import storage
+from service.errors import ConfigError
 from service.storage import checkpoints as ckpt
 
 
@@ -32,6 +33,9 @@ class RunContext(Protocol):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The student as the step should call it (DDP over several workers)."""
+
+    def dataset_shard(self, name: str) -> Any:
+        """This rank's share of a Ray Dataset given to the trainer (``data.loader=ray_data``)."""
 
 
 def checkpoint_name() -> str:
@@ -76,3 +80,7 @@ class InProcessContext:
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
+
+    def dataset_shard(self, name: str) -> Any:
+        raise ConfigError("data.loader=ray_data streams from a Ray Dataset: it needs Ray "
+                          "(`dino train`); the loop in this process reads with data.loader=torch")

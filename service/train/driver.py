@@ -12,7 +12,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from service import storage
+from service import data, storage
 from service.cluster.env import job_env
 from service.config import DinoConfig, flatten, resolve_paths
 from service.storage import checkpoints as ckpt
@@ -125,8 +125,12 @@ def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None)
     # the same rule as job submission: storage and MLflow settings, never credentials (the
     # cluster's nodes have their own); runtime envs are readable by anyone with the dashboard
     env = job_env(os.environ)
+    datasets = None
+    if cfg.data.loader == "ray_data":
+        datasets = {"train": data.ray_dataset(cfg.data.path, data.canvas_size(cfg))}
     return interruptible(TorchTrainer)(
         train_loop_per_worker,
+        datasets=datasets,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": asdict(info)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from dino_core import NonFiniteLossError, train_step
+from dino_core.augment_full import full_image_views
 from dino_core.export import backbone_state_from_checkpoint, save_backbone
 from service import data, storage
 from service.config import DinoConfig, backbone_meta, to_yaml
@@ -42,9 +43,13 @@ class Loop:
                  faults: FaultInjector | None = None) -> None:
         self.cfg, self.ctx, self.run_url, self.tracker = cfg, ctx, run_url, tracker
         seed_everything(cfg.train.seed, ctx.rank)
-        self.dataset = data.train_dataset(cfg)
+        # full_image: encoded images from the loader, decoded and cropped on the device
+        self.full_image = data.full_image(cfg, ctx.device.type)
+        self.ray_data = cfg.data.loader == "ray_data"  # batches from the trainer's dataset
+        self.dataset = None if self.ray_data else data.train_dataset(cfg, raw=self.full_image)
         self.augment = data.batched_augmentation(cfg)
-        niter = data.steps_per_epoch(len(self.dataset), cfg, ctx.world_size)
+        n_images = data.count_images(cfg.data.path) if self.ray_data else len(self.dataset)
+        niter = data.steps_per_epoch(n_images, cfg, ctx.world_size)
         self.state = s = TrainState(cfg, ctx, niter)
         self.restored_from = s.restore(run_url, ctx)
         s.compile()
@@ -74,6 +79,12 @@ class Loop:
     def run_epoch(self) -> None:
         s = self.state
         for batch, labels, n_skipped in self.epoch_batches():
+            self.seed_step()
+            if self.full_image:
+                batch, kept = full_image_views(self.augment, batch, self.ctx.device,
+                                               self.aug_gen, data.full_image_side(self.cfg))
+                n_skipped += int((~kept).sum())
+                labels = labels[kept]
             self.skipped_images += n_skipped
             self.images_attempted += labels.numel() + n_skipped
             if any_rank(labels.numel() == 0, self.ctx.world_size, self.ctx.device):
@@ -92,23 +103,38 @@ class Loop:
         self.guard.check()
 
     def epoch_batches(self) -> Iterator[tuple[Any, torch.Tensor, int]]:
-        """This rank's batches of the current epoch from where the state is. Seeds depend on
-        (seed, rank, epoch, batch), so a run resumed at an epoch boundary sees exactly the
-        crops, drop-path masks and augmentations of an uninterrupted one."""
-        s, t, rank = self.state, self.cfg.train, self.ctx.rank
-        seed_everything(t.seed, rank, s.epoch, s.batch_in_epoch)
-        loader = data.train_loader(self.dataset, self.cfg, rank, self.ctx.world_size, s.epoch,
-                                   s.batch_in_epoch, self.ctx.device.type == "cuda")
-        # the batched augmentation draws from its own generator, seeded like the loader's
-        self.aug_gen = torch.Generator().manual_seed(int(np.random.default_rng(
-            (t.seed, rank, s.epoch, s.batch_in_epoch, 7)).integers(2**62)))
+        """This rank's batches of the current epoch from where the state is. The loader's
+        seeds depend on (seed, rank, epoch, batch) and each step's on (seed, rank, step), so a
+        run resumed at an epoch boundary sees exactly the crops, drop-path masks and
+        augmentations of an uninterrupted one, and with a packed dataset (whose reader
+        resumes exactly) or the batched augmentation, a run resumed mid-epoch does too."""
+        s, rank = self.state, self.ctx.rank
         self.progress.new_window()
+        if self.ray_data:  # Ray Data's order is its own: a resumed epoch takes what is left
+            yield from data.train_batches(self.ctx.dataset_shard("train"),
+                                          self.cfg.train.batch_size // self.ctx.world_size,
+                                          s.niter_per_ep - s.batch_in_epoch)
+            return
+        if s.batch_in_epoch == 0:
+            s.data_streams = data.loader_streams(self.cfg)
+        loader = data.train_loader(self.dataset, self.cfg, rank, self.ctx.world_size, s.epoch,
+                                   s.batch_in_epoch, self.ctx.device.type == "cuda",
+                                   s.data_streams)
         yield from loader
+
+    def seed_step(self) -> None:
+        """The step's own seeds: torch's (drop-path, ...) and the batched augmentation's."""
+        t, rank, step = self.cfg.train, self.ctx.rank, self.state.global_step
+        seed_everything(t.seed, rank, step, 1)
+        self.aug_gen = torch.Generator().manual_seed(int(np.random.default_rng(
+            (t.seed, rank, step, 7)).integers(2**62)))
 
     def step(self, batch: Any) -> None:
         s, device = self.state, self.ctx.device
         started = time.time()
-        if self.augment is not None:
+        if self.full_image:
+            crops = batch  # augmented already, on the device
+        elif self.augment is not None:
             crops = self.augment(batch.to(device, non_blocking=True), self.aug_gen)
         else:
             crops = [c.to(device, non_blocking=True) for c in batch]

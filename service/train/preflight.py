@@ -46,6 +46,15 @@ def _sample_unreadable(ds: object, n: int) -> tuple[int, int, str]:
     return bad, len(picks), first
 
 
+def check_shards(ds: data.ShardStream, path: str, what: str) -> None:
+    """The first and last shards of a packed set are there (each image was decoded when it
+    was packed)."""
+    m = ds.manifest
+    for shard in {m.shards[0], m.shards[-1]}:
+        if not storage.exists(m.url(shard)):
+            raise DataError(f"{what}={path}: its shard {m.url(shard)} is missing")
+
+
 def check_images(path: str, source: DataSource, cfg: DinoConfig, what: str,
                  min_images: int = 1) -> None:
     """``path`` holds images, enough of them, and a sample of them decodes."""
@@ -55,7 +64,11 @@ def check_images(path: str, source: DataSource, cfg: DinoConfig, what: str,
         ds = data.open_images(source, None, 0, 0, cfg)  # type: ignore[arg-type]
     except (FileNotFoundError, ValueError) as err:
         raise DataError(f"{what}={path}: {err}") from None
-    bad, sampled, first = _sample_unreadable(ds, SAMPLE)
+    if isinstance(ds, data.ShardStream):
+        check_shards(ds, path, what)
+        bad, sampled, first = 0, 0, ""
+    else:
+        bad, sampled, first = _sample_unreadable(ds, SAMPLE)
     limit = cfg.data.max_unreadable_fraction
     if bad and bad / sampled > limit:
         raise DataError(
@@ -91,6 +104,9 @@ def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
 def preflight(cfg: DinoConfig, run_url: str) -> None:
     """Everything about ``cfg`` that can be wrong without a cluster (``cfg`` resolved)."""
     check_storage(cfg.storage.root)
+    if cfg.data.loader == "ray_data" and not data.batched(cfg):
+        raise ConfigError("data.loader=ray_data decodes to canvases for the batched "
+                          "augmentation: it needs aug.backend=auto or batched, not per_image")
     check_images(cfg.data.path, cfg.data.source, cfg, "data.path", cfg.train.batch_size)
     if cfg.eval.knn_every_epochs:
         check_images(cfg.eval.train_path, cfg.eval.train_source, cfg, "eval.train_path")

@@ -33,6 +33,11 @@ class RayContext:
         registered = ray.train.get_checkpoint()
         return storage.with_scheme(str(registered.path), self.run_url) if registered else None
 
+    def dataset_shard(self, name: str) -> Any:
+        import ray.train
+
+        return ray.train.get_dataset_shard(name)
+
     def wrap_model(self, model: nn.Module) -> nn.Module:
         import ray.train.torch
 

@@ -81,6 +81,7 @@ class TrainState:
                                      global_batch_size=cfg.train.batch_size)
         self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps = 0
+        self.data_streams = 1  # loader streams of the epoch in progress (packed data)
 
     @property
     def total_steps(self) -> int:
@@ -115,6 +116,7 @@ class TrainState:
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
             "skipped_steps": self.skipped_steps,
+            "data_streams": self.data_streams,
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate()},
             "config": self.cfg.model_dump(mode="json"),
@@ -130,6 +132,7 @@ class TrainState:
             self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.batch_in_epoch = s["epoch"], s["batch_in_epoch"]
         self.global_step, self.skipped_steps = s["global_step"], s.get("skipped_steps", 0)
+        self.data_streams = s.get("data_streams", 1)
 
     def restore(self, run_url: str, ctx: RunContext) -> str | None:
         """Loads the newest complete checkpoint of this run, else ``train.resume``; returns

@@ -1,0 +1,140 @@
+"""Packed datasets in real runs: ``dino data pack`` as Ray tasks into moto's S3, then
+``dino train`` from the bucket: 2 workers each reading their own shards (every image once per
+epoch, from the reader's trace), a run killed mid-epoch and resumed (the same losses as
+without the kill), a damaged shard skipped and named, and the Ray Data loader."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import private_ray_tmpdir
+from test_reliability_faults import _read_until, _start
+from test_service_train import TINY, dino
+
+from dino_core.data.procedural import write_image_folder
+from service.data.shards import read_manifest
+from service.storage import checkpoints as ckpt
+
+pytestmark = pytest.mark.integration
+IMAGES = 96  # 3 classes of 24 px PNGs, ~1.2 kB each: 10 kB shards hold ~8
+RUN = [*TINY, "data.num_workers=1", "train.batch_size=16", "eval.knn_every_epochs=0",
+       "data.shuffle_buffer=8"]
+
+
+@pytest.fixture(scope="module")
+def packed(s3_server, tmp_path_factory) -> str:
+    src = tmp_path_factory.mktemp("src") / "imgs"
+    write_image_folder(src, IMAGES, 24, 3, 0, masks=False)
+    (src / "00_circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (src / "01_square" / "notes.jpg").write_text("<html>404</html>")
+    url = f"s3://{s3_server.new_bucket('shards')}/packed"
+    with private_ray_tmpdir() as ray_dir:
+        out = dino("data", "pack", str(src), url, "--shard-mb", "0.01", "--num-cpus", "2",
+                   env={"RAY_TMPDIR": str(ray_dir)})
+    assert f"packed {IMAGES} images into" in out.stdout, out.stdout
+    assert "2 unreadable files skipped" in out.stdout
+    return url
+
+
+def test_pack_into_the_bucket_counts_and_reports_unreadable_files(packed):
+    import fsspec
+
+    m = read_manifest(packed)
+    assert m.num_images == IMAGES and m.skipped == 2 and len(m.shards) >= 8
+    with fsspec.open(f"{packed}/pack-report.json") as f:
+        report = json.load(f)
+    assert sorted(Path(s["path"]).name for s in report["skipped"]) == ["broken.png", "notes.jpg"]
+
+
+def _keys(trace: Path, epoch: int) -> list[str]:
+    return [k for f in sorted(trace.glob(f"epoch{epoch}-rank*-stream*.txt"))
+            for k in f.read_text().split()]
+
+
+def test_two_workers_each_read_their_shards_once_per_epoch(packed, tmp_path):
+    trace = tmp_path / "trace"
+    out = dino("train", *RUN, f"data.path={packed}", f"storage.root={tmp_path}",
+               "run_name=cover", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
+               "train.epochs=2", f"data.trace_dir={trace}", "tracking.enabled=false")
+    assert "step 12/12" in out.stdout
+    per_epoch = []
+    for epoch in (0, 1):
+        ranks = {f.name.split("-")[1] for f in trace.glob(f"epoch{epoch}-*.txt")}
+        assert ranks == {"rank0", "rank1"}
+        keys = _keys(trace, epoch)
+        assert len(keys) == len(set(keys)) == IMAGES  # 96 = 2 ranks x 6 steps x 8: all, once
+        per_epoch.append(keys)
+    assert per_epoch[0] != per_epoch[1]  # another order each epoch
+
+
+def _losses(db: Path, run_name: str) -> dict[int, float]:
+    """The last logged loss per step (a killed run's unsaved steps are logged again)."""
+    with sqlite3.connect(db) as c:
+        rows = c.execute(
+            "SELECT m.step, m.value FROM metrics m JOIN tags t ON t.run_uuid = m.run_uuid "
+            "WHERE m.key = 'loss' AND t.key = 'dino.run_name' AND t.value = ? "
+            "ORDER BY m.timestamp, m.rowid", (run_name,)).fetchall()
+    return dict(rows)
+
+
+def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(packed, tmp_path):
+    common = [*RUN, f"data.path={packed}", f"storage.root={tmp_path}", "train.epochs=2",
+              "train.checkpoint_every_steps=3", "ray.num_workers=1"]
+    dino("train", *common, "run_name=straight")
+    with private_ray_tmpdir() as ray_dir:
+        env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_dir)}
+        proc = _start(["python", "-m", "service.cli", "train", *common, "run_name=killed"], env)
+        lines: list[str] = []
+        try:
+            _read_until(proc, r"checkpoint saved at epoch 2 step 9", lines, 300)
+        finally:
+            group = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+            os.killpg(proc.pid, signal.SIGKILL)
+            for pid in group:
+                try:
+                    psutil.Process(pid).kill()
+                except psutil.NoSuchProcess:
+                    pass
+            proc.wait(timeout=30)
+    again = dino("train", *common, "run_name=killed")
+    m = re.search(r"resumed from \S+ at epoch 2 step (\d+)", again.stdout)
+    assert m and 9 <= int(m.group(1)) < 12, again.stdout[-2000:]  # mid-epoch 2 (6 steps each)
+    db = tmp_path / "mlflow.db"
+    straight, killed = _losses(db, "straight"), _losses(db, "killed")
+    assert sorted(straight) == sorted(killed) == list(range(1, 13))
+    assert killed == straight  # the same floats, step by step
+
+
+def test_a_damaged_shard_is_skipped_and_named(packed, tmp_path):
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(packed)
+    damaged = packed + "-damaged"
+    fs.copy(packed.removeprefix("s3://") + "/", damaged.removeprefix("s3://") + "/",
+            recursive=True)
+    m = read_manifest(damaged)
+    victim = m.shards[2]
+    data = fs.cat_file(f"{damaged}/{victim.name}")
+    fs.pipe_file(f"{damaged}/{victim.name}", data[: len(data) // 3])
+    out = dino("train", *RUN, f"data.path={damaged}", f"storage.root={tmp_path}",
+               "run_name=damaged", "train.epochs=1", "tracking.enabled=false")
+    text = out.stdout + out.stderr
+    assert victim.name in text and "damaged" in text
+    assert f"skipped {victim.num_images} unreadable images" in text
+
+
+def test_the_ray_data_loader_trains_and_its_checkpoint_loads(packed, tmp_path):
+    out = dino("train", *RUN, f"data.path={packed}", f"storage.root={tmp_path}",
+               "run_name=raydata", "data.loader=ray_data", "train.epochs=1",
+               "tracking.enabled=false")
+    assert "step 6/6" in out.stdout
+    newest = ckpt.resolve(str(tmp_path / "raydata"))
+    uri, state = ckpt.load(newest)
+    assert state["global_step"] == 6 and state["epoch"] == 1
