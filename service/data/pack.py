@@ -167,6 +167,20 @@ def pack_shard(job: ShardJob) -> dict:
     return marker
 
 
+def _done_markers(dest: str, count: int) -> dict[int, dict]:
+    """The markers of the shards packed before: one listing and one batched read (s3fs reads
+    many objects concurrently), not a request pair per shard."""
+    url = join(dest, STATE_DIR)
+    fs, path = get_fs(url)
+    found = with_retries(lambda: fs.find(path), f"listing of {url}", url=url)
+    names = {shard_name(i) + ".json": i for i in range(count)}
+    wanted = [p for p in found if p.rsplit("/", 1)[-1] in names]
+    if not wanted:
+        return {}
+    blobs = with_retries(lambda: fs.cat(wanted), f"read of the markers under {url}", url=url)
+    return {names[p.rsplit("/", 1)[-1]]: json.loads(blob) for p, blob in blobs.items()}
+
+
 def _read_json(url: str) -> dict | None:
     raw = read_if_there(url)
     return None if raw is None else json.loads(raw)
@@ -198,11 +212,7 @@ def pack(src: str, dest: str, shard_bytes: int = DEFAULT_SHARD_BYTES, *, paralle
                         "sizes or --shard-mb): pack into a new DEST, or delete this one")
     if earlier is None:
         _write_json(plan_url, {"fingerprint": stamp, "shards": len(runs), "source": src})
-    markers: dict[int, dict] = {}
-    for i in range(len(runs)):
-        done = _read_json(join(dest, STATE_DIR, shard_name(i) + ".json"))
-        if done is not None:
-            markers[i] = done
+    markers = _done_markers(dest, len(runs))
     labeled = bool(listing.classes)
     jobs = [ShardJob(i, src, dest, r.start, listing.paths[r.start:r.stop],
                      listing.labels[r.start:r.stop], labeled)

@@ -91,16 +91,23 @@ def stream_pieces(counts: list[int], seed: int, epoch: int, rank: int, world: in
     return cut(counts, shard_order(len(counts), seed, epoch), begin, end)
 
 
-def shuffled(items: Iterator[Sample], size: int, rng: np.random.Generator) -> Iterator[Sample]:
-    """A shuffle buffer: holds ``size`` samples, emits a random one for each new one."""
+def shuffled(items: Iterator[Sample], size: int, rng: np.random.Generator,
+             initial: int = 64) -> Iterator[Sample]:
+    """A shuffle buffer of at most ``size`` samples that starts emitting (a random one per
+    sample read) once it holds ``initial``, and grows to ``size`` by reading two samples per
+    one emitted: the first batch does not wait for the whole buffer to fill."""
     buffer: list[Sample] = []
+    initial = max(1, min(initial, size))
     for item in items:
+        buffer.append(item)
         if len(buffer) < size:
-            buffer.append(item)
-            continue
-        j = int(rng.integers(len(buffer)))
-        buffer[j], item = item, buffer[j]
-        yield item
+            extra = next(items, None)
+            if extra is not None:
+                buffer.append(extra)
+        if len(buffer) >= initial and len(buffer) > 1:
+            j = int(rng.integers(len(buffer)))
+            buffer[j], buffer[-1] = buffer[-1], buffer[j]
+            yield buffer.pop()
     order = rng.permutation(len(buffer)) if buffer else []
     yield from (buffer[j] for j in order)
 
@@ -123,11 +130,15 @@ class ShardStream(IterableDataset):
         self.classes = list(manifest.classes)
         self.counts = [s.num_images for s in manifest.shards]
         self.mode = "all"
+        self._fs: Any = None
         self.epoch = self.rank = self.skip_batches = 0
         self.world = self.batch = self.streams = 1
 
     def __len__(self) -> int:
         return self.manifest.num_images
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fs": None}  # clients do not cross into loader processes
 
     def configure(self, *, epoch: int, rank: int, world: int, batch: int, streams: int,
                   skip_batches: int = 0) -> ShardStream:
@@ -153,7 +164,7 @@ class ShardStream(IterableDataset):
         rng = np.random.default_rng((self.seed, self.epoch, self.rank, stream))
         trace = self._trace(stream)
         try:
-            for position, sample in enumerate(shuffled(self.samples(pieces),
+            for position, sample in enumerate(shuffled(iter(self.samples(pieces)),
                                                        self.shuffle_buffer, rng)):
                 if position >= total:
                     break
@@ -211,7 +222,9 @@ class ShardStream(IterableDataset):
             if is_local(url):
                 local = url.removeprefix("file://")
             else:
-                fs, path = get_fs(url)
+                if self._fs is None:  # one client per loader process (a new one is ~0.5 s)
+                    self._fs = get_fs(url)[0]
+                fs, path = self._fs, url.split("://", 1)[1]
                 local = os.path.join(tmp, info.name)
                 with_retries(lambda: fs.get_file(path, local), f"download of {url}", url=url)
             with open(local, "rb") as f:

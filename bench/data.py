@@ -1,0 +1,469 @@
+"""Data-loading throughput of one training worker, the training step left out.
+
+Prints one JSON line per measurement, then a summary line with the ratios and the targets:
+
+- ``local_folder`` (a): a local folder of JPEGs read by the project's loader, the baseline;
+- ``s3_per_object`` (b): the same images in S3, one object per image, read per object (the
+  path used before packing);
+- ``s3_shards`` (c): the same images packed into WebDataset shards in S3
+  (``service.data.pack``), read by the streaming reader (``service.data.stream``);
+- ``ray_data`` (d): the packed shards read with Ray Data (``service.data.raydata``) on a local
+  Ray of 2 CPUs, batches iterated in this process (one consumer = one training worker).
+
+(a)-(c) go through what training calls: ``data.train_dataset(cfg)`` then
+``data.train_loader(ds, cfg, ...)``, with ``data.num_workers=2`` (both cores of the CI box)
+and the default batched backend: uint8 canvases of 8/7 x ``aug.global_size`` = 256 px,
+decoded in the loader workers. Each row has
+
+- ``images_per_sec``: decoded images/s, the best of three windows of a fixed number of
+  batches (whole rounds of the loader workers), after one warm-up batch per worker (they
+  start together, so the second batch is nearly done when the first arrives). Best, since
+  other processes on a shared machine only ever slow a window down;
+- ``first_batch_s``: from constructing the dataset (which lists the prefix for (b), reads
+  the manifest for (c)) to the first batch out of the loader; for (b) and (c), whose
+  targets are about it, the best of ``--first-reps`` constructions.
+
+Every row is measured at two image counts; the summary's ratios are those of the larger.
+A reader that runs ahead through a whole small epoch before its first batch (Ray Data at the
+``--ci`` counts) shows the drained read-ahead there, not a rate: read the larger count.
+
+The images are generated once into ``--work`` (random sizes 160-500 px per side, smooth
+gradients + shapes + noise, JPEG quality 90, about 55 kB each, in 3 class folders,
+deterministic from ``--seed``). S3 is moto's server on 127.0.0.1, started and stopped here.
+Generation, upload and packing are timed as ``setup`` rows, part of no measurement. moto runs
+on the same two cores as the loader: in (b) its per-request CPU stands in for the per-request
+latency of real S3. ``--ci`` scales the shards (4 MiB) and the shuffle buffer (64) down with
+the image counts, so that, as at full size, a loader process holds more images than its
+buffer and each process reads several shards.
+
+Usage:
+    python bench/data.py --ci                      # 200 and 600 images, 1-2 minutes
+    python bench/data.py --work /tmp/dino-bench    # 2,000 and 20,000 images, JPEGs kept
+    python bench/data.py --rows a,c --images 2000,20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/data.py`
+
+ROWS = {"a": "local_folder", "b": "s3_per_object", "c": "s3_shards", "d": "ray_data"}
+CLASSES = 3
+FIRST_BATCH_ROWS = ("s3_per_object", "s3_shards")  # timed --first-reps times (targets)
+BUCKET = "bench"
+TARGETS = {  # name: (what, threshold, higher is better)
+    "c_over_a": ("s3_shards images/s >= 0.9 x local_folder", 0.9, True),
+    "c_over_b": ("s3_shards images/s >= 5 x s3_per_object", 5.0, True),
+    "c_first_batch_growth": ("s3_shards first batch, large / small count <= 1.5", 1.5, False),
+}
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+# -- images -------------------------------------------------------------------------------
+
+
+def jpeg_bytes(seed: int, index: int) -> bytes:
+    """Image ``index`` of the set ``seed``: a smooth colour field, a few flat shapes and
+    uniform noise (what makes the JPEG photo-sized), non-square, quality 90."""
+    rng = np.random.default_rng((seed, index))
+    w, h = (int(x) for x in rng.integers(160, 501, 2))
+    low = rng.integers(0, 256, (int(rng.integers(3, 8)), int(rng.integers(3, 8)), 3),
+                       dtype=np.uint8)
+    img = Image.fromarray(low).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(2, 7))):
+        x0, y0 = int(rng.integers(0, w)), int(rng.integers(0, h))
+        x1, y1 = x0 + int(rng.integers(10, w // 2)), y0 + int(rng.integers(10, h // 2))
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    noisy = np.asarray(img, np.int16) + rng.integers(-30, 31, (h, w, 3), dtype=np.int16)
+    out = Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    out.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _image_path(root: Path, index: int) -> Path:
+    return root / f"c{index % CLASSES}" / f"{index:06d}.jpg"
+
+
+def _write_images(job: tuple[str, int, list[int]]) -> None:
+    root, seed, indices = job
+    for i in indices:
+        path = _image_path(Path(root), i)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(jpeg_bytes(seed, i))
+        os.replace(tmp, path)  # an interrupted run leaves no half-written JPEG
+
+
+def generate(pool_dir: Path, n: int, seed: int, processes: int = 2) -> tuple[int, float]:
+    """The first ``n`` images of ``seed`` under ``pool_dir`` (missing ones only), in 2
+    processes; returns (images written, seconds)."""
+    t0 = time.perf_counter()
+    for k in range(CLASSES):
+        (pool_dir / f"c{k}").mkdir(parents=True, exist_ok=True)
+    missing = [i for i in range(n) if not _image_path(pool_dir, i).is_file()]
+    if missing:
+        chunks = [missing[j::processes * 8] for j in range(processes * 8)]
+        # fork: nothing has started a thread yet, and the children need no re-import
+        with multiprocessing.get_context("fork").Pool(processes) as pool:
+            pool.map(_write_images, [(str(pool_dir), seed, c) for c in chunks if c])
+    return len(missing), time.perf_counter() - t0
+
+
+def subset(pool_dir: Path, dest: Path, n: int) -> Path:
+    """A folder of the first ``n`` images of the pool, hard links (no copies)."""
+    if (dest / ".complete").is_file():
+        return dest
+    for i in range(n):
+        target = _image_path(dest, i)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            try:
+                os.link(_image_path(pool_dir, i), target)
+            except OSError:  # a filesystem without hard links
+                shutil.copyfile(_image_path(pool_dir, i), target)
+    (dest / ".complete").touch()
+    return dest
+
+
+def folder_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*.jpg"))
+
+
+# -- services ------------------------------------------------------------------------------
+
+
+@contextmanager
+def s3_server(log_dir: Path) -> Iterator[str]:
+    """moto's S3 server with a bucket; AWS_ENDPOINT_URL and credentials set in os.environ
+    (as the tests' fixture does) so fsspec, loader workers and Ray workers all find it."""
+    from service.devtools import stack
+
+    service = stack.start_s3(log_dir)
+    saved = {k: os.environ.get(k) for k in service.env}
+    try:
+        os.environ.update(service.env)
+        stack.create_bucket(service, BUCKET)
+        yield service.endpoint_url
+    finally:
+        stack.stop(service)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def local_ray(num_cpus: int = 2) -> Iterator[None]:
+    """A Ray instance of this process's own (not any RAY_ADDRESS cluster), in a short temp
+    dir; afterwards any process still running from that dir is killed by pid."""
+    import psutil
+    import ray
+
+    temp = tempfile.mkdtemp(prefix="dino-bd-")
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                 _temp_dir=temp, configure_logging=False, log_to_driver=False)
+        yield
+    finally:
+        ray.shutdown()
+        left = [p for p in psutil.process_iter(["cmdline"])
+                if any(temp in arg for arg in p.info["cmdline"] or [])]
+        for p in left:
+            p.kill()
+        psutil.wait_procs(left, timeout=10)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def upload(local: Path, url: str) -> float:
+    """Every file under ``local`` to ``url`` (s3fs's put sends them concurrently)."""
+    from service.storage import get_fs
+
+    t0 = time.perf_counter()
+    fs, path = get_fs(url)
+    fs.put(str(local) + "/", path, recursive=True)
+    return time.perf_counter() - t0
+
+
+# -- measurements -------------------------------------------------------------------------
+
+
+def config(path: str, batch: int, workers: int, global_size: int, shuffle_buffer: int | None):
+    from service.config import load_config
+
+    overrides = [f"data.path={path}", f"data.num_workers={workers}",
+                 f"train.batch_size={batch}", f"aug.global_size={global_size}"]
+    if shuffle_buffer is not None:
+        overrides.append(f"data.shuffle_buffer={shuffle_buffer}")
+    return load_config(None, None, overrides)
+
+
+def loader_batches(cfg) -> Iterator[int]:
+    """Images per batch of the training loader over ``cfg.data.path`` (dataset built on the
+    first ``next``, so time to first batch includes it)."""
+    from service import data
+
+    ds = data.train_dataset(cfg)
+    loader = data.train_loader(ds, cfg, rank=0, world=1, epoch=0, skip_batches=0,
+                               pin_memory=False)
+    for images, labels, _ in loader:
+        assert images.ndim == 4 and not images.dtype.is_floating_point, images.shape  # canvases
+        yield int(labels.numel())
+
+
+def ray_data_batches(url: str, canvas: int, batch: int, n: int) -> Iterator[int]:
+    """Images per batch of Ray Data over the packed prefix ``url``, iterated in this process
+    (the decode runs in Ray tasks on the 2 CPUs of the local Ray)."""
+    from service.data.raydata import ray_dataset, train_batches
+
+    ds = ray_dataset(url, canvas)
+    for images, labels, _ in train_batches(ds, batch, n // batch):
+        assert images.ndim == 4 and not images.dtype.is_floating_point, images.shape
+        yield int(labels.numel())
+
+
+def plan_windows(n_batches: int, warmup: int, cap: int, workers: int) -> tuple[int, int]:
+    """(windows, batches per window) that fit in ``n_batches`` after ``warmup``.
+
+    A window is a whole number of rounds of the loader's workers: each worker delivers its
+    batches in turn and the workers finish theirs at about the same moment, so a window of
+    one batch would time the gap between two batches that were ready together."""
+    w = max(workers, 1)
+    left = max(n_batches - warmup, 1)
+    per = min(cap, left // 3) // w * w
+    if per >= w:
+        return 3, per
+    per = w if left >= w else left
+    return max(1, left // per), per
+
+
+def first_batch(batches: Callable[[], Iterator[int]]) -> float:
+    """Seconds from constructing the dataset to the first batch out of the loader."""
+    t0 = time.perf_counter()
+    it = batches()
+    try:
+        next(it)
+        return time.perf_counter() - t0
+    finally:
+        it.close()  # the loader's workers stop with their iterator
+
+
+def measure(batches: Callable[[], Iterator[int]], n_batches: int, warmup: int, cap: int,
+            workers: int, first_reps: int) -> dict:
+    """The best time to first batch of ``first_reps`` constructions, then the best
+    images/s over the timed windows of the last one."""
+    firsts = [first_batch(batches) for _ in range(first_reps - 1)]
+    windows, per = plan_windows(n_batches, warmup, cap, workers)
+    t0 = time.perf_counter()
+    it = batches()
+    try:
+        next(it)
+        firsts.append(time.perf_counter() - t0)
+        for _ in range(warmup - 1):
+            next(it)
+        best, timed = 0.0, 0
+        for _ in range(windows):
+            start, images, done = time.perf_counter(), 0, 0
+            for count in it:
+                images, done = images + count, done + 1
+                if done == per:
+                    break
+            if done == 0:
+                break  # the epoch ran out (iterable datasets can yield fewer full batches)
+            best = max(best, images / (time.perf_counter() - start))
+            timed += done
+    finally:
+        it.close()
+    return {"first_batch_s": round(min(firsts), 3),
+            "first_batch_reps_s": [round(x, 3) for x in firsts],
+            "images_per_sec": round(best, 1), "timed_batches": timed, "windows": windows}
+
+
+# -- the run -------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ci", action="store_true",
+                   help="200 and 600 images, batch 32, 4 MiB shards (about a minute)")
+    p.add_argument("--images", default="", help="the two image counts (default 2000,20000)")
+    p.add_argument("--work", default="", help="cache dir for the JPEGs (default: a temp dir)")
+    p.add_argument("--rows", default="a,b,c,d", help="subset of a,b,c,d")
+    p.add_argument("--batch", type=int, default=0, help="images per batch (default 64; ci 32)")
+    p.add_argument("--workers", type=int, default=2, help="loader processes (data.num_workers)")
+    p.add_argument("--window-batches", type=int, default=0,
+                   help="batches per timed window, at most (default 30; ci 5)")
+    p.add_argument("--shard-mb", type=float, default=0,
+                   help="packed shard size in MiB (default 16; ci 4)")
+    p.add_argument("--shuffle-buffer", type=int, default=-1,
+                   help="data.shuffle_buffer of packed data (default: the config's; ci 64, "
+                   "below the images per loader process, as at full size)")
+    p.add_argument("--global-size", type=int, default=224, help="aug.global_size (canvas 8/7x)")
+    p.add_argument("--first-reps", type=int, default=0,
+                   help="constructions of (b) and (c) timed to the first batch, best kept "
+                   "(default 3; ci 2); the other rows time one")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
+    args = p.parse_args(argv)
+
+    counts = sorted(int(x) for x in (args.images or ("200,600" if args.ci else "2000,20000"))
+                    .split(","))
+    batch = args.batch or (32 if args.ci else 64)
+    first_reps = max(1, args.first_reps or (2 if args.ci else 3))
+    cap = args.window_batches or (5 if args.ci else 30)
+    shard_bytes = int((args.shard_mb or (4 if args.ci else 16)) * 2**20)
+    shuffle_buffer = (args.shuffle_buffer if args.shuffle_buffer >= 0
+                      else 64 if args.ci else None)
+    unknown = set(args.rows.split(",")) - set(ROWS)
+    if unknown:
+        p.error(f"--rows: unknown {', '.join(sorted(unknown))}; choose from a,b,c,d")
+    rows = [ROWS[k] for k in ROWS if k in args.rows.split(",")]
+    warmup = max(args.workers, 1)
+    canvas = round(args.global_size * 8 / 7)
+    import torch
+
+    from service import data  # noqa: F401 - imported before anything is timed
+    from service.config import load_config
+
+    emit({"bench": "data", "kind": "config", "images": counts, "batch": batch,
+          "workers": args.workers, "canvas": canvas, "rows": rows, "cpus": os.cpu_count(),
+          "window_batches": cap, "first_reps": first_reps, "shard_bytes": shard_bytes, "torch": torch.__version__,
+          "shuffle_buffer": load_config().data.shuffle_buffer if shuffle_buffer is None
+          else shuffle_buffer})
+
+    results: dict[tuple[str, int], dict] = {}
+    failed = False
+    with ExitStack() as stack:
+        if args.work:
+            work = Path(args.work).absolute()
+        else:
+            work = Path(tempfile.mkdtemp(prefix="dino-bench-data-"))
+            stack.callback(shutil.rmtree, work, True)
+        pool = work / f"pool-seed{args.seed}"
+        written, seconds = generate(pool, max(counts), args.seed)
+        folders = {n: subset(pool, work / f"seed{args.seed}-n{n}", n) for n in counts}
+        emit({"bench": "data", "kind": "setup", "step": "generate", "images": max(counts),
+              "written": written, "seconds": round(seconds, 1),
+              "images_per_sec": round(written / seconds, 1) if written else None,
+              "mean_kb": round(folder_bytes(folders[max(counts)]) / max(counts) / 1e3, 1)})
+
+        needs_s3 = any(r != "local_folder" for r in rows)
+        if needs_s3:
+            stack.enter_context(s3_server(work / "logs"))
+        objects = {n: f"s3://{BUCKET}/objects/n{n}" for n in counts}
+        packed = {n: f"s3://{BUCKET}/packed/n{n}" for n in counts}
+        if "s3_per_object" in rows:
+            for n in counts:
+                sec = upload(folders[n], objects[n])
+                emit({"bench": "data", "kind": "setup", "step": "upload", "images": n,
+                      "seconds": round(sec, 1), "images_per_sec": round(n / sec, 1)})
+
+        def run_row(row: str, n: int, batches: Callable[[], Iterator[int]]) -> None:
+            nonlocal failed
+            try:
+                reps = first_reps if row in FIRST_BATCH_ROWS else 1
+                got = measure(batches, n // batch, warmup, cap, args.workers, reps)
+            except Exception as err:  # a missing or broken reader is a failed row, not a gap
+                failed = True
+                emit({"bench": "data", "row": row, "images": n, "error": repr(err)[:500]})
+                return
+            results[(row, n)] = got
+            base = results.get(("local_folder", n))
+            ratio = base and round(got["images_per_sec"] / base["images_per_sec"], 2)
+            emit({"bench": "data", "row": row, "images": n, "batch": batch,
+                  "workers": args.workers, "canvas": canvas, **got,
+                  "ratio_to_local_folder": ratio})
+
+        def cfg(path: str):
+            return config(path, batch, args.workers, args.global_size, shuffle_buffer)
+
+        for n in counts:
+            if "local_folder" in rows:
+                run_row("local_folder", n, lambda n=n: loader_batches(cfg(str(folders[n]))))
+            if "s3_per_object" in rows:
+                run_row("s3_per_object", n, lambda n=n: loader_batches(cfg(objects[n])))
+
+        if {"s3_shards", "ray_data"} & set(rows):
+            with local_ray(num_cpus=2):
+                for n in counts:
+                    try:
+                        from service.data.pack import pack
+
+                        result = pack(str(folders[n]), packed[n], shard_bytes=shard_bytes)
+                        emit({"bench": "data", "kind": "setup", "step": "pack", "images": n,
+                              "source": "local folder", "shards": len(result.manifest.shards),
+                              "seconds": round(result.seconds, 1),
+                              "images_per_sec": round(n / result.seconds, 1)})
+                    except Exception as err:
+                        failed = True
+                        emit({"bench": "data", "kind": "setup", "step": "pack", "images": n,
+                              "error": repr(err)[:500]})
+                if "ray_data" in rows:  # while Ray is up; (c) then runs without it, as (a)
+                    with contextlib.suppress(ImportError):  # else the row reports it
+                        import service.data.raydata  # noqa: F401 - not timed
+                    for n in counts:
+                        run_row("ray_data", n,
+                                lambda n=n: ray_data_batches(packed[n], canvas, batch, n))
+            if "s3_shards" in rows:
+                for n in counts:
+                    run_row("s3_shards", n, lambda n=n: loader_batches(cfg(packed[n])))
+
+    summary = summarize(results, rows, counts)
+    emit(summary)
+    return 1 if failed else 0
+
+
+def summarize(results: dict[tuple[str, int], dict], rows: list[str], counts: list[int]) -> dict:
+    """Ratios at the largest count and the targets, each with pass/fail (None: not measured)."""
+    small, large = counts[0], counts[-1]
+
+    def ips(row: str) -> float | None:
+        r = results.get((row, large))
+        return r and r["images_per_sec"]
+
+    def growth(row: str) -> float | None:
+        a, b = results.get((row, small)), results.get((row, large))
+        return a and b and round(b["first_batch_s"] / a["first_batch_s"], 2)
+
+    def ratio(top: str, bottom: str) -> float | None:
+        x, y = ips(top), ips(bottom)
+        return x and y and round(x / y, 2)
+
+    values = {"c_over_a": ratio("s3_shards", "local_folder"),
+              "c_over_b": ratio("s3_shards", "s3_per_object"),
+              "c_first_batch_growth": growth("s3_shards")}
+    targets = {}
+    for name, (what, threshold, higher) in TARGETS.items():
+        v = values[name]
+        ok = None if v is None else (v >= threshold if higher else v <= threshold)
+        targets[name] = {"target": what, "value": v, "pass": ok}
+    return {"bench": "data", "kind": "summary", "images": large,
+            "images_per_sec": {row: ips(row) for row in rows},
+            "first_batch_growth": {row: growth(row) for row in rows},
+            "ratios_to_local_folder": {row: ratio(row, "local_folder") for row in rows},
+            "targets": targets,
+            "all_pass": all(t["pass"] for t in targets.values())}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
