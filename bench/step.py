@@ -377,6 +377,44 @@ def run_e2e(args, s: Setting, device: torch.device, synthetic_ips: float) -> Non
           "first_batches_s": round(first, 1)})
 
 
+def run_profile(args, s: Setting, device: torch.device, variant: str) -> None:
+    """``torch.profiler`` over 3 steps of ``variant`` at each batch: the top kernels (ops on
+    CPU) by self time per step, and how busy the device was (1 - the idle gaps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    template = networks(s)
+    cuda = device.type == "cuda"
+    for batch in args.batch:
+        step = build_variant(variant, dict(LADDER).get(variant), s, template, device)
+        crops = synthetic_crops(s, batch, device)
+        for _ in range(args.warmup + (10 if "compile" in variant else 0)):
+            step(crops)
+        sync(device)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for _ in range(3):
+                step(crops)
+            sync(device)
+        wall = (time.perf_counter() - t0) / 3
+        events = prof.key_averages()
+
+        def self_us(e) -> float:
+            if cuda:
+                return float(getattr(e, "self_device_time_total", 0.0)
+                             or getattr(e, "self_cuda_time_total", 0.0))
+            return float(e.self_cpu_time_total)
+
+        busy = sum(self_us(e) for e in events) / 3 / 1e6 if cuda else None
+        top = sorted(events, key=self_us, reverse=True)[:12]
+        emit({"bench": "profile", "variant": variant, "batch": batch,
+              "device": device_name(device), "step_ms": round(wall * 1e3, 2),
+              "device_busy_fraction": busy and round(min(busy / wall, 1.0), 3),
+              "top": [{"name": e.key[:70], "ms_per_step": round(self_us(e) / 3 / 1e3, 3),
+                       "calls_per_step": e.count // 3} for e in top]})
+        del step
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -397,6 +435,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="e2e also from packed shards with decode on the device")
     p.add_argument("--variants", default="", help="comma-separated subset of the variants")
     p.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: default)")
+    p.add_argument("--profile", default="", help="comma-separated variants to profile "
+                   "(top kernels and device idle time), instead of timing the ladder")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -404,6 +444,10 @@ def main(argv: list[str] | None = None) -> None:
     s = SETTINGS[args.setting]
     emit({"bench": "config", "setting": args.setting, **asdict(s), "batch": args.batch,
           "device": device_name(device), "torch": torch.__version__})
+    if args.profile:
+        for variant in args.profile.split(","):
+            run_profile(args, s, device, variant)
+        return
     if args.check:
         run_checks(args, s, device)
     best = run_ladder(args, s, device)

@@ -149,6 +149,9 @@ class TrainConfig(_Section):
     compile: Literal["auto"] | bool = Field(
         "auto", description="torch.compile the backbones: auto = on GPU (minutes to compile on CPU)"
     )
+    activation_checkpointing: bool = Field(
+        False, description="recompute the student's blocks in the backward pass: less "
+        "memory for large batches or /8 models, ~30% more compute")
     defer_nonfinite_check: Literal["auto"] | bool = Field(
         "auto", description="auto = on GPU: no host sync per step; a NaN step is a no-op, "
         "noticed at the next log step"

@@ -154,15 +154,16 @@ def write_shard(out: BinaryIO, samples: Iterable[Sample], labeled: bool) -> int:
     return count
 
 
-def read_samples(f: BinaryIO) -> Iterator[Sample]:
-    """The samples of a tar shard in stored order (streamed: nothing is seeked).
+def read_samples(f: BinaryIO, stream: bool = False) -> Iterator[Sample]:
+    """The samples of a tar shard in stored order; ``stream``: without seeking (a pipe),
+    else headers are read by seeking past the data (3x faster per member in Python).
 
     Raises:
         tarfile.TarError, EOFError: the tar is damaged (e.g. truncated); the samples before
             the damage have been yielded.
     """
     key, ext, data, label = None, "", b"", -1
-    with tarfile.open(fileobj=f, mode="r|") as tar:
+    with tarfile.open(fileobj=f, mode="r|" if stream else "r:") as tar:
         for info in tar:
             if not info.isfile():
                 continue

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from dino_core.augment_canvas import ToCanvas
 from dino_core.data.folder import load_rgb
 from service.data.shards import Manifest, Sample, read_samples, sha256_of
 from service.storage import get_fs, is_local, with_retries
@@ -131,6 +132,8 @@ class ShardStream(IterableDataset):
         self.counts = [s.num_images for s in manifest.shards]
         self.mode = "all"
         self._fs: Any = None
+        # the canvas is a pure function of the image: no per-sample seeding needed
+        self.random_transform = transform is not None and not isinstance(transform, ToCanvas)
         self.epoch = self.rank = self.skip_batches = 0
         self.world = self.batch = self.streams = 1
 
@@ -193,8 +196,11 @@ class ShardStream(IterableDataset):
             return None
         if self.transform is None:
             return image, s.label
-        if seed_key is not None:
-            torch.manual_seed(int(np.random.default_rng(seed_key).integers(2**62)))
+        if seed_key is not None and self.random_transform:
+            # the CPU generator alone: torch.manual_seed also seeds (lazily) every
+            # accelerator, ~1 ms a call
+            torch.random.default_generator.manual_seed(
+                int(np.random.default_rng(seed_key).integers(2**62)))
         return self.transform(image), s.label
 
     def samples(self, pieces: list[Piece]) -> Iterator[Sample]:

@@ -1,5 +1,9 @@
 """The few collectives the loop needs, correct for gloo (CPU) and NCCL (GPU), no-ops for one
-rank."""
+rank.
+
+``any_rank`` runs every step (is any rank's batch all unreadable?). On NCCL it goes through a
+gloo group of its own, on host tensors: the ranks' hosts meet, but none waits for its GPU
+(through NCCL the flag would be a device tensor, and ``.item()`` a device sync per step)."""
 
 from __future__ import annotations
 
@@ -17,12 +21,25 @@ def _on_backend(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device) if dist.get_backend() == "nccl" else x
 
 
+_HOST_GROUP: list = []  # the gloo group for host flags on NCCL runs, made on first use
+
+
+def host_group():
+    """None (the default group) on gloo; on NCCL a gloo group over the same ranks. Made on
+    the first call, which every rank makes at the same step (``new_group`` is collective)."""
+    if dist.get_backend() != "nccl":
+        return None
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
+
+
 def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
-    """True if ``flag`` is true on any rank (one all-reduce and host sync)."""
+    """True if ``flag`` is true on any rank: one all-reduce of a host tensor, never a wait
+    for the device."""
     value = torch.tensor(float(flag))
     if world_size > 1:
-        value = _on_backend(value, device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=host_group())
     return bool(value.item())
 
 

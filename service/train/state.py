@@ -43,6 +43,13 @@ def switch(value: str | bool, device: torch.device) -> bool:
     return device.type == "cuda" if value == "auto" else bool(value)
 
 
+def set_checkpointing(backbone: nn.Module) -> None:
+    """timm's gradient checkpointing of the blocks (ViTs and ResNets have it)."""
+    if not hasattr(backbone, "set_grad_checkpointing"):
+        raise ValueError(f"{type(backbone).__name__} has no activation checkpointing")
+    backbone.set_grad_checkpointing(True)
+
+
 def seed_everything(*key: int) -> None:
     seed = int(np.random.default_rng(key).integers(2**31))
     random.seed(seed)
@@ -100,7 +107,10 @@ class TrainState:
         return self.epoch >= self.cfg.train.epochs or self.global_step >= self.total_steps
 
     def compile(self) -> None:
-        """In place, after restoring: parameter names (checkpoints, EMA pairs) do not change."""
+        """In place, after restoring: parameter names (checkpoints, EMA pairs) do not change.
+        Also switches on activation checkpointing of the student (``train.*``)."""
+        if self.cfg.train.activation_checkpointing:
+            set_checkpointing(self.student.backbone)
         if switch(self.cfg.train.compile, self.device):
             compile_backbone(self.student.backbone)
             compile_backbone(self.teacher.backbone)
