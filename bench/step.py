@@ -67,6 +67,9 @@ class Setting:
 SETTINGS = {
     # the paper's ViT-S/16, 2 x 224 + 10 x 96, K = 65536
     "paper": Setting("vit_small", 16, None, 224, 96, 10, 65536, 2048, 256),
+    # ViT-B/16 and ViT-S/8 at the paper's crops (the issue's extra rows)
+    "paper_b16": Setting("vit_base", 16, None, 224, 96, 10, 65536, 2048, 256),
+    "paper_s8": Setting("vit_small", 8, None, 224, 96, 10, 65536, 2048, 256),
     # the quickstart preset's model and crops
     "small": Setting("vit_tiny", 8, 4, 32, 16, 4, 256, 512, 128),
 }
@@ -105,17 +108,43 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+# the project's step plus levers: ``dino_core+<option>[+<option>...]``
+OPTIONS = ("compile", "cudagraphs", "packed", "packed_sdpa", "chunked", "ckpt", "fp8")
+
+
 class ProjectStep:
     """``dino_core.train_step`` with the project's settings: bf16 on CUDA, fused AdamW,
-    foreach clipping and EMA, deferred non-finite check; optionally compiled backbones."""
+    foreach clipping and EMA, deferred non-finite check; plus the levers named in
+    ``options``: compiled backbone blocks (``compile``; ``cudagraphs``: mode
+    reduce-overhead), one packed backbone call for all crops (``packed``: FlexAttention on
+    CUDA; ``packed_sdpa``), the chunked head-and-loss (``chunked``), activation checkpointing
+    of the student (``ckpt``), torchao float8 matmuls in the student's blocks (``fp8``)."""
 
     def __init__(self, student, teacher, out_dim: int, device: torch.device,
-                 compile_backbone: bool) -> None:
+                 options: set[str] | bool = frozenset()) -> None:
+        if isinstance(options, bool):
+            options = {"compile"} if options else set()
+        unknown = set(options) - set(OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown options {sorted(unknown)}; choose from {OPTIONS}")
+        if "packed" in options or "packed_sdpa" in options:
+            from dino_core.models.packed import PackedMultiCropWrapper
+
+            mode = "sdpa" if "packed_sdpa" in options else "auto"
+            student = PackedMultiCropWrapper(student.backbone, student.head, mode)
+            teacher = PackedMultiCropWrapper(teacher.backbone, teacher.head, mode)
         set_fused_attention(student, True)
         set_fused_attention(teacher, True)
-        if compile_backbone:
-            compile_backbone_(student.backbone)
-            compile_backbone_(teacher.backbone)
+        if "ckpt" in options:
+            student.backbone.set_grad_checkpointing(True)
+        if "fp8" in options:
+            from torchao.float8 import convert_to_float8_training  # not a dependency
+
+            convert_to_float8_training(student.backbone.blocks)
+        if "compile" in options or "cudagraphs" in options:
+            mode = "reduce-overhead" if "cudagraphs" in options else None
+            compile_backbone_(student.backbone, mode)
+            compile_backbone_(teacher.backbone, mode)
         self.student, self.teacher = student, teacher
         self.loss_fn = DINOLoss(out_dim).to(device)
         self.optimizer = build_optimizer(student, fused=True)
@@ -173,7 +202,7 @@ def build_variant(name: str, levers: Levers | None, s: Setting, template: tuple,
                   device: torch.device) -> Callable:
     student, teacher = (copy.deepcopy(m).to(device) for m in template)
     if levers is None:
-        return ProjectStep(student, teacher, s.out_dim, device, name.endswith("compile"))
+        return ProjectStep(student, teacher, s.out_dim, device, set(name.split("+")[1:]))
     if device.type != "cuda" and levers.bf16:
         levers = replace(levers, bf16=False)  # CPU rungs stay fp32, like the CPU default
     return LeverStep(student, teacher, ema_parameter_lists(teacher, student), s.out_dim,
@@ -193,8 +222,10 @@ def run_ladder(args, s: Setting, device: torch.device) -> dict[int, float]:
     variants.append(("dino_core", None))
     if args.compile:
         variants.append(("dino_core+compile", None))
-    if args.variants:
-        variants = [v for v in variants if v[0] in args.variants.split(",")]
+    if args.variants:  # in the order given (the first is the ratios' base); any
+        known = dict(variants)  # dino_core+<options> combination may be named
+        variants = [(n, known.get(n)) for n in args.variants.split(",")
+                    if n in known or n.startswith("dino_core")]
     best: dict[int, float] = {}
     for batch in args.batch:
         crops = synthetic_crops(s, batch, device)
@@ -215,8 +246,13 @@ def run_ladder(args, s: Setting, device: torch.device) -> dict[int, float]:
                     emit({"bench": "step", "variant": name, "batch": batch,
                           "error": repr(err)[:300]})
         else:
-            steps = {name: build_variant(name, levers, s, template, device)
-                     for name, levers in variants}
+            steps = {}
+            for name, levers in variants:
+                try:
+                    steps[name] = build_variant(name, levers, s, template, device)
+                except Exception as err:  # keep measuring the other variants
+                    emit({"bench": "step", "variant": name, "batch": batch,
+                          "error": repr(err)[:300]})
             for name, step in steps.items():
                 warmup = args.warmup + (10 if name.endswith("compile") else 0)
                 time_steps(step, crops, device, warmup, 1, windows=1)

@@ -147,3 +147,13 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path, one_torch_thre
     assert loop.state.student.backbone.grad_checkpointing
     assert len(plain.losses()) == 4
     assert ckpted.losses() == pytest.approx(plain.losses(), rel=1e-6)
+
+
+def test_packed_crops_give_the_same_losses(tmp_path, one_torch_thread):
+    """train.packed_crops=sdpa: one backbone call for all crops, the same training."""
+    steps = ["train.max_steps=3", "train.epochs=1", "model.drop_path_rate=0.1"]
+    plain, _, _ = _run(tmp_path, "plain", *steps)
+    packed, _, loop = _run(tmp_path, "packed", *steps, "train.packed_crops=sdpa")
+    assert type(loop.state.student).__name__ == "PackedMultiCropWrapper"
+    assert len(plain.losses()) == 3
+    assert packed.losses() == pytest.approx(plain.losses(), rel=1e-5)

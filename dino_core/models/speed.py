@@ -8,7 +8,7 @@ from torch import nn
 from dino_core.models.backbone import is_vit
 
 
-def compile_backbone(backbone: nn.Module) -> nn.Module:
+def compile_backbone(backbone: nn.Module, mode: str | None = None) -> nn.Module:
     """Compiles a backbone in place with ``torch.compile``; parameter names do not change, so
     checkpoints, DDP and the EMA see the same module.
 
@@ -19,15 +19,16 @@ def compile_backbone(backbone: nn.Module) -> nn.Module:
     dynamo compile every block's frame separately under torch 2.11, where the blocks'
     different drop-path rates are guarded constants, so each block recompiled and the
     8-recompile limit left the rest eager (seen on an H100).
-    A ResNet is compiled whole, after switching it to channels-last.
+    A ResNet is compiled whole, after switching it to channels-last. ``mode``: torch.compile's
+    (``"reduce-overhead"``: CUDA graphs, the step's Python gaps gone once shapes are static).
     """
     if is_vit(backbone):
         blocks = _Blocks(*backbone.blocks)  # type: ignore[union-attr,misc]
-        blocks.compile()
+        blocks.compile(mode=mode)
         backbone.blocks = blocks
         return backbone
     backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    backbone.compile()
+    backbone.compile(mode=mode)
     return backbone
 
 

@@ -25,6 +25,7 @@ from dino_core import (
 )
 from dino_core.loss import identity
 from dino_core.models import compile_backbone
+from dino_core.models.packed import PackedMultiCropWrapper
 from service.config import DinoConfig, backbone_meta, network_spec, schedule_spec
 from service.storage import checkpoints as ckpt
 from service.train.collectives import all_reduce_mean
@@ -64,6 +65,10 @@ class TrainState:
         self.cfg, self.device, self.niter_per_ep = cfg, ctx.device, niter_per_ep
         world = ctx.world_size
         self.student, self.teacher = build_networks(network_spec(cfg))
+        if cfg.train.packed_crops != "off":  # the same modules and keys, one call for all crops
+            mode = cfg.train.packed_crops
+            self.student = PackedMultiCropWrapper(self.student.backbone, self.student.head, mode)
+            self.teacher = PackedMultiCropWrapper(self.teacher.backbone, self.teacher.head, mode)
         if world > 1 and self.device.type == "cuda":
             # BN heads and ResNets normalise over the global batch, as the reference does;
             # torch has no SyncBatchNorm on CPU, where each worker uses its own batch
