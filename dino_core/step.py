@@ -12,6 +12,7 @@ from torch import nn
 
 from dino_core.ema import ema_update
 from dino_core.loss import DINOLoss, identity
+from dino_core.loss_chunked import chunked_dino_loss
 from dino_core.monitors import teacher_stats
 from dino_core.optim import cancel_last_layer_gradients, clip_gradients
 
@@ -41,6 +42,10 @@ class StepConfig:
     # into a no-op on the device (needs a fused AdamW) and reported through
     # ``StepOutput.finite``, for the caller to check when it reads metrics anyway.
     defer_nonfinite_check: bool = False
+    # the last layer, softmax and cross-entropy fused and chunked over K
+    # (``dino_core.loss_chunked``): the scores of the student are never materialised
+    fused_head_loss: bool = False
+    loss_chunk: int = 8192
 
 
 @dataclass
@@ -106,11 +111,15 @@ def train_step(
         with torch.no_grad():
             # only the global views pass through the teacher
             teacher_out = teacher(list(crops[: cfg.n_global]))
-        student_out = student(list(crops))
         stats = teacher_stats(teacher_out, loss_fn.center, values["teacher_temp"])
-        loss = loss_fn(
-            student_out, teacher_out, values["teacher_temp"], cfg.n_global, update_center=False
-        )
+        if cfg.fused_head_loss:
+            z, weight = student(list(crops), split_last_layer=True)
+            loss = chunked_dino_loss(z, teacher_out, weight, loss_fn.center,
+                                     values["teacher_temp"], loss_fn.student_temp,
+                                     cfg.n_global, cfg.loss_chunk)
+        else:
+            loss = loss_fn(student(list(crops)), teacher_out, values["teacher_temp"],
+                           cfg.n_global, update_center=False)
 
     # the mean over processes makes every rank take the same decision on a bad step
     global_loss = cfg.all_reduce_mean(loss.detach())

@@ -157,3 +157,13 @@ def test_packed_crops_give_the_same_losses(tmp_path, one_torch_thread):
     assert type(loop.state.student).__name__ == "PackedMultiCropWrapper"
     assert len(plain.losses()) == 3
     assert packed.losses() == pytest.approx(plain.losses(), rel=1e-5)
+
+
+def test_the_fused_head_loss_gives_the_same_losses(tmp_path, one_torch_thread):
+    """train.fused_head_loss: last layer + softmax + cross-entropy chunked over K."""
+    steps = ["train.max_steps=3", "train.epochs=1"]
+    plain, _, _ = _run(tmp_path, "plain", *steps)
+    fused, _, loop = _run(tmp_path, "fused", *steps, "train.fused_head_loss=true")
+    assert loop.state.step_cfg.fused_head_loss
+    assert len(plain.losses()) == 3
+    assert fused.losses() == pytest.approx(plain.losses(), rel=1e-5)

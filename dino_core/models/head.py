@@ -56,9 +56,24 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Maps features ``(N, in_dim)`` to prototype scores ``(N, out_dim)``."""
-        x = self.mlp(x)
-        x = F.normalize(x, dim=-1, p=2)
-        return self.last_layer(x)
+        return self.last_layer(self.bottleneck(x))
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The head without its last layer: features ``(N, in_dim)`` to the l2-normalised
+        bottleneck ``z`` ``(N, bottleneck_dim)``; ``last_layer(bottleneck(x)) == forward(x)``.
+
+        A fused loss (``dino_core.loss_chunked``) takes ``z`` and ``last_layer_weight()`` and
+        never builds the ``(N, out_dim)`` scores.
+        """
+        return F.normalize(self.mlp(x), dim=-1, p=2)
+
+    def last_layer_weight(self) -> torch.Tensor:
+        """The effective last-layer weight ``g * v / ||v||`` ``(out_dim, bottleneck_dim)``.
+
+        Recomputed from the weight-norm parametrization on every call and differentiable
+        w.r.t. ``v`` (and ``g`` unless ``norm_last_layer``), as inside ``last_layer``.
+        """
+        return self.last_layer.weight
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -19,12 +21,25 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """Args: crops, a list of ``(B, 3, H_i, W_i)``. Returns ``(len(crops) * B, K)``."""
+    def forward(self, crops: list[torch.Tensor] | torch.Tensor,
+                split_last_layer: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Args: crops, a list of ``(B, 3, H_i, W_i)``. Returns ``(len(crops) * B, K)``; with
+        ``split_last_layer``, ``(z, W)``: the l2-normalised bottleneck ``(len(crops) * B, d)``
+        and the last layer's effective weight ``(K, d)`` (``z @ W.T`` are the scores), for a
+        fused loss that never materialises the scores (``dino_core.loss_chunked``). Both come
+        out of this forward, so DDP sees every parameter used."""
+        feats = self.features(crops)
+        if split_last_layer:
+            head: Any = self.head  # a DINOHead
+            return head.bottleneck(feats), head.last_layer_weight()
+        return self.head(feats)
+
+    def features(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """The backbone's features of every crop, ``(len(crops) * B, D)``, in crop order."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
-        feats = [self.backbone(torch.cat(group)) for group in _runs_of_equal_size(crops)]
-        return self.head(torch.cat(feats))
+        return torch.cat([self.backbone(torch.cat(group))
+                          for group in _runs_of_equal_size(crops)])
 
 
 def _runs_of_equal_size(crops: list[torch.Tensor]) -> list[list[torch.Tensor]]:

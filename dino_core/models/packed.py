@@ -311,6 +311,6 @@ class PackedMultiCropWrapper(MultiCropWrapper):
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         self.attention = attention
 
-    def forward(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-        """Args: crops, a list of ``(B, 3, H_i, W_i)``. Returns ``(len(crops) * B, K)``."""
-        return self.head(packed_backbone_forward(self.backbone, crops, self.attention))
+    def features(self, crops: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        """The backbone's features of every crop from one packed call, in crop order."""
+        return packed_backbone_forward(self.backbone, crops, self.attention)

@@ -152,6 +152,9 @@ class TrainConfig(_Section):
     packed_crops: Literal["off", "sdpa", "flex"] = Field(
         "off", description="one backbone call for all crops, packed with per-crop attention "
         "masks (SDPA everywhere; FlexAttention on CUDA): same numerics, fewer small matmuls")
+    fused_head_loss: bool = Field(
+        False, description="the head's last layer, softmax and cross-entropy chunked over "
+        "K: the student's B x crops x K scores are never held (less memory; same loss)")
     activation_checkpointing: bool = Field(
         False, description="recompute the student's blocks in the backward pass: less "
         "memory for large batches or /8 models, ~30% more compute")

@@ -87,7 +87,8 @@ class TrainState:
         self.scaler = (torch.amp.GradScaler(self.device.type)
                        if self.amp_dtype == torch.float16 else None)
         self.step_cfg = StepConfig(clip_grad=cfg.optim.clip_grad, autocast_dtype=self.amp_dtype,
-                                   all_reduce_mean=reduce, defer_nonfinite_check=self.defer_check)
+                                   all_reduce_mean=reduce, defer_nonfinite_check=self.defer_check,
+                                   fused_head_loss=cfg.train.fused_head_loss)
         self.sched = build_schedules(schedule_spec(cfg), epochs=cfg.train.epochs,
                                      niter_per_ep=niter_per_ep,
                                      global_batch_size=cfg.train.batch_size)
