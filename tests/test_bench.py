@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_step_benchmark_prints_every_lever_with_ratios_and_numerics():
     out = subprocess.run(
         [sys.executable, "bench/step.py", "--setting", "small", "--batch", "8", "--steps", "1",
-         "--warmup", "1", "--check", "--e2e", "32"],
+         "--warmup", "1", "--check", "--e2e", "32", "--e2e-packed"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -32,11 +32,39 @@ def test_step_benchmark_prints_every_lever_with_ratios_and_numerics():
         assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0 and r["ratio"] > 0
         assert abs(r["ratio"] - r["img_per_s"] / steps["reference"]["img_per_s"]) < 0.01
     checks = {r["check"]: r for r in records if "check" in r}
-    assert set(checks) == {"fp32_reference_vs_ours", "bf16_fast_vs_fp32_plain"}
+    assert set(checks) == {"fp32_reference_vs_ours", "bf16_fast_vs_fp32_plain",
+                           "packed_chunked_fp32_vs_fp32_plain",
+                           "packed_chunked_bf16_vs_fp32_plain"}
     assert all(c["ok"] for c in checks.values()), checks
     assert checks["fp32_reference_vs_ours"]["loss_rel_diff"] < 1e-5
-    (e2e,) = [r for r in records if r.get("bench") == "e2e"]
-    assert e2e["img_per_s"] > 0 and e2e["ratio_vs_synthetic"] > 0
+    assert checks["packed_chunked_fp32_vs_fp32_plain"]["loss_rel_diff"] < 1e-5
+    folder, packed = [r for r in records if r.get("bench") == "e2e"]
+    assert "folder" in folder["source"] and "packed" in packed["source"]
+    for e2e in (folder, packed):
+        assert e2e["img_per_s"] > 0 and e2e["ratio_vs_synthetic"] > 0
+
+
+def test_step_benchmark_times_named_levers_and_profiles():
+    out = subprocess.run(
+        [sys.executable, "bench/step.py", "--setting", "small", "--batch", "4", "--steps", "1",
+         "--warmup", "1", "--variants",
+         "dino_core,dino_core+packed_sdpa,dino_core+chunked,dino_core+ckpt,dino_core+fp8"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    timed = {r["variant"]: r for r in records if "img_per_s" in r}
+    assert list(timed) == ["dino_core", "dino_core+packed_sdpa", "dino_core+chunked",
+                           "dino_core+ckpt"] + (["dino_core+fp8"] if len(timed) == 5 else [])
+    assert all(r["img_per_s"] > 0 for r in timed.values())
+    errors = [r for r in records if "error" in r]
+    assert all(r["variant"] == "dino_core+fp8" and "torchao" in r["error"] for r in errors)
+    prof = subprocess.run(
+        [sys.executable, "bench/step.py", "--setting", "small", "--batch", "4", "--warmup", "1",
+         "--profile", "dino_core"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert prof.returncode == 0, prof.stderr[-3000:]
+    (row,) = [json.loads(x) for x in prof.stdout.splitlines() if '"profile"' in x]
+    assert row["top"] and row["top"][0]["ms_per_step"] > 0
 
 
 def test_compiled_vit_keeps_names_and_matches_eager(one_torch_thread):
