@@ -193,3 +193,23 @@ def test_evaluation_splits_read_packed_data_whole(packed):
     labels = torch.cat([y for _, y, _ in batches])
     assert len(labels) == 60 and sorted(set(labels.tolist())) == [0, 1]
     assert all(x.shape[1:] == (3, 16, 16) for x, _, _ in batches)
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 7, 64])
+def test_the_shuffle_buffer_is_bounded_and_loses_nothing(size):
+    from service.data.stream import shuffled
+
+    read = [0]
+
+    def items():
+        for i in range(300):
+            read[0] += 1
+            yield i
+
+    out, ahead = [], 0
+    for x in shuffled(items(), size, np.random.default_rng(0)):
+        out.append(x)
+        ahead = max(ahead, read[0] - len(out))
+    assert sorted(out) == list(range(300))
+    assert ahead <= max(size, 1)  # never more than the buffer read ahead
+    assert (out != list(range(300))) == (size > 1)

@@ -97,8 +97,11 @@ def shuffled(items: Iterator[Sample], size: int, rng: np.random.Generator,
     """A shuffle buffer of at most ``size`` samples that starts emitting (a random one per
     sample read) once it holds ``initial``, and grows to ``size`` by reading two samples per
     one emitted: the first batch does not wait for the whole buffer to fill."""
+    if size <= 1:  # no shuffling
+        yield from items
+        return
     buffer: list[Sample] = []
-    initial = max(1, min(initial, size))
+    initial = max(2, min(initial, size))
     for item in items:
         buffer.append(item)
         if len(buffer) < size:
