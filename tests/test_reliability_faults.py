@@ -106,6 +106,19 @@ def _read_until(proc: subprocess.Popen, pattern: str, lines: list[str], timeout:
     raise AssertionError(f"no {pattern!r} within {timeout} s:\n{''.join(lines[-40:])}")
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to a run's process group, then to every child by pid (Ray's own daemons may
+    have left the group); waits for the run."""
+    group = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in group:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=30)
+
+
 def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -163,14 +176,7 @@ def test_killed_driver_then_the_same_command_resumes(tmp_path, ray_tmp):
     try:
         _read_until(proc, r"checkpoint saved at epoch 1 step 8", lines, 240)
     finally:
-        group = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-        os.killpg(proc.pid, signal.SIGKILL)
-        for pid in group:  # Ray's own daemons may have left the process group
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait(timeout=30)
+        kill_group(proc)
     saved = [c for c in checkpoints(tmp_path / "pre") if (c / ckpt.MANIFEST).exists()]
     assert saved, "the first checkpoint should be in storage before the kill"
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sqlite3
 from pathlib import Path
 
-import psutil
 import pytest
 from conftest import private_ray_tmpdir
-from test_reliability_faults import _read_until, _start
+from test_reliability_faults import _read_until, _start, kill_group
 from test_service_train import TINY, dino
 
 from dino_core.data.procedural import write_image_folder
@@ -95,14 +93,7 @@ def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(packed, tmp_path):
         try:
             _read_until(proc, r"checkpoint saved at epoch 2 step 9", lines, 300)
         finally:
-            group = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
-            os.killpg(proc.pid, signal.SIGKILL)
-            for pid in group:
-                try:
-                    psutil.Process(pid).kill()
-                except psutil.NoSuchProcess:
-                    pass
-            proc.wait(timeout=30)
+            kill_group(proc)
     again = dino("train", *common, "run_name=killed")
     m = re.search(r"resumed from \S+ at epoch 2 step (\d+)", again.stdout)
     assert m and 9 <= int(m.group(1)) < 12, again.stdout[-2000:]  # mid-epoch 2 (6 steps each)

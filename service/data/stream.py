@@ -238,7 +238,7 @@ class ShardStream(IterableDataset):
                 with_retries(lambda: fs.get_file(path, local), f"download of {url}", url=url)
             with open(local, "rb") as f:
                 digest = sha256_of(f)
-        except (OSError, FileNotFoundError) as err:
+        except OSError as err:  # FileNotFoundError included
             log.warning("skipping shard %s: %s; its %d images are counted as unreadable",
                         url, err, piece.stop - piece.start)
             return None
