@@ -14,7 +14,8 @@ def build_networks(spec: NetworkSpec) -> tuple[MultiCropWrapper, MultiCropWrappe
 
     def one(drop_path_rate: float) -> MultiCropWrapper:
         backbone = build_backbone(
-            spec.arch, spec.patch_size, spec.img_size, drop_path_rate, spec.depth
+            spec.arch, spec.patch_size, spec.img_size, drop_path_rate, spec.depth,
+            pos_embed_interpolation=spec.pos_embed_interpolation,  # type: ignore[arg-type]
         )
         head = DINOHead(
             embed_dim_of(backbone),

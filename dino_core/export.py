@@ -4,7 +4,11 @@ The file holds the backbone's state dict with timm's key names (our ViTs *are* t
 ``VisionTransformer``s) and, in the safetensors metadata, the timm model name and the
 keyword arguments that rebuild the same shapes, so
 ``timm.create_model(meta["timm_name"], num_classes=0, **json.loads(meta["timm_kwargs"]))``
-loads it with ``strict=True``.
+loads it with ``strict=True``. The metadata also records ``pos_embed_interpolation``
+(``dino_core.models.backbone``): a plain timm model resamples the position table timm's way,
+so it gives the same features at the table's own size only when the file says "reference".
+
+``load_backbone`` also reads the reference DINO code's ``.pth`` files (``dino_core.reference``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dino_core.models.backbone import build_backbone, timm_name
+from dino_core.reference import load_reference_backbone
 
 BACKBONE_PREFIX = "backbone."
 
@@ -59,6 +64,7 @@ def save_backbone(path: str | Path, weights: dict[str, torch.Tensor], model_cfg:
         "patch_size": str(model_cfg.get("patch_size", 16)),
         "depth": str(model_cfg.get("depth") or ""),
         "img_size": str(model_cfg.get("img_size") or 224),
+        "pos_embed_interpolation": str(model_cfg.get("pos_embed_interpolation") or "reference"),
         "timm_name": timm_name(model_cfg["arch"]),
         "timm_kwargs": json.dumps(timm_kwargs(model_cfg)),
     }
@@ -73,11 +79,21 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def load_backbone(path: str | Path) -> nn.Module:
-    """Rebuilds the backbone of a file written by ``save_backbone`` (a local path; the service
-    layer fetches remote URIs first), loading the weights with ``strict=True``."""
+def load_backbone(path: str | Path, which: str = "teacher") -> nn.Module:
+    """Rebuilds the backbone of a file written by ``save_backbone``, or of a reference DINO
+    ``.pth`` file (a main_dino ``checkpoint.pth``, or a released backbone file), from a local
+    path (the service layer fetches remote URIs first); in eval mode.
+
+    ``which``: ``teacher`` (a backbone file's only weights), ``student`` (a reference
+    checkpoint's) or ``random`` (the same architecture freshly initialised). The weights
+    load with ``strict=True``.
+    """
     from safetensors.torch import load_file
 
+    if str(path).endswith(".pth"):
+        return load_reference_backbone(path, which)
+    if which not in ("teacher", "random"):
+        raise ValueError(f"an exported backbone holds only its own weights, not {which!r}")
     meta = read_metadata(path)
     if meta.get("format") != "dino-backbone-v1":
         raise ValueError(f"{path} is not a DINO backbone file (metadata: {meta})")
@@ -86,6 +102,9 @@ def load_backbone(path: str | Path) -> nn.Module:
         int(meta["patch_size"]),
         img_size=int(meta["img_size"]),
         depth=int(meta["depth"]) if meta["depth"] else None,
+        # files written before the option existed come from models that resampled timm's way
+        pos_embed_interpolation=meta.get("pos_embed_interpolation", "timm"),  # type: ignore[arg-type]
     )
-    model.load_state_dict(load_file(str(path)), strict=True)
+    if which != "random":
+        model.load_state_dict(load_file(str(path)), strict=True)
     return model.eval()

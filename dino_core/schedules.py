@@ -23,14 +23,18 @@ def cosine_schedule(
     start_warmup_value: float = 0.0,
 ) -> np.ndarray:
     """Linear warm-up from ``start_warmup_value`` to ``base_value`` over ``warmup_epochs``,
-    then a half cosine from ``base_value`` to ``final_value``.
+    then a half cosine from ``base_value`` to ``final_value``: the reference DINO code's
+    ``utils.cosine_scheduler``, value for value. The warm-up includes its end point (its last
+    iteration is at ``base_value``, and so is the first of the cosine), and the cosine part's
+    ``i``-th value is at angle ``pi * i / n`` over its ``n`` iterations, so it ends one step
+    short of ``final_value``.
 
     Returns:
         ``(epochs * niter_per_ep,)`` float64 array.
     """
     total = epochs * niter_per_ep
     warmup_iters = min(warmup_epochs * niter_per_ep, total)
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     iters = np.arange(total - warmup_iters)
     n = max(len(iters), 1)
     cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / n))

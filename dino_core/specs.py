@@ -26,6 +26,9 @@ class NetworkSpec:
     head_nlayers: int = 3
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
+    # how a ViT resamples its position table to another grid: "reference" (the reference
+    # DINO code's formula; released weights and the paper's numbers use it) or "timm"
+    pos_embed_interpolation: str = "reference"
 
 
 @dataclass(frozen=True)

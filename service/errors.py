@@ -28,3 +28,8 @@ class DataError(ValueError):
 
 class MissingExtraError(RuntimeError):
     """A development tool needs a package of an optional extra that is not installed."""
+
+
+class RunStopped(RuntimeError):
+    """The run was stopped on request (``dino jobs stop``, SIGTERM to the driver) after a
+    checkpoint of its last step; the same run name resumes from it."""

@@ -146,12 +146,33 @@ def test_cli_rejects_bad_config_before_starting_ray(tmp_path, overrides, message
     assert stdout == ""
 
 
+
+def test_a_resized_group_still_uses_each_image_of_the_epoch_once():
+    """An elastic group: 2 workers for the first 3 global batches, then 3 workers, then 4 (the
+    global batch of 12 stays); the epoch is covered exactly once, in the same global batches."""
+    n, global_batch, seen = 130, 12, []
+    plan = [(2, 0, 3), (3, 3, 7), (4, 7, None)]  # (world, first batch, end batch)
+    for world, first, end in plan:
+        per_rank = [list(ShardSampler(n, r, world, 3, 0, global_batch // world, first))
+                    for r in range(world)]
+        steps = (end or n // global_batch) - first
+        for k in range(steps):
+            seen.append(sorted(i for ranks in per_rank
+                               for i in ranks[k * (global_batch // world):
+                                              (k + 1) * (global_batch // world)]))
+    flat = [i for b in seen for i in b]
+    assert len(flat) == len(set(flat)) == n // global_batch * global_batch
+    one_worker = list(ShardSampler(n, 0, 1, 3, 0, global_batch))
+    assert seen == [sorted(one_worker[k * global_batch:(k + 1) * global_batch])
+                    for k in range(n // global_batch)]
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_shards_are_disjoint_equal_and_cover(world):
-    n = 100
-    shards = [list(ShardSampler(n, r, world, seed=0, epoch=1)) for r in range(world)]
+    n, batch = 100, 6
+    shards = [list(ShardSampler(n, r, world, seed=0, epoch=1, batch=batch)) for r in range(world)]
     flat = [i for s in shards for i in s]
-    assert len(set(flat)) == len(flat) == (n // world) * world
-    assert all(len(s) == n // world for s in shards)
-    assert list(ShardSampler(n, 0, world, 0, 1, skip=5)) == shards[0][5:]
-    assert list(ShardSampler(n, 0, world, 0, 2)) != shards[0]  # reshuffled per epoch
+    steps = n // (batch * world)
+    assert len(set(flat)) == len(flat) == steps * batch * world
+    assert all(len(s) == steps * batch for s in shards)
+    assert list(ShardSampler(n, 0, world, 0, 1, batch, skip_batches=2)) == shards[0][2 * batch:]
+    assert list(ShardSampler(n, 0, world, 0, 2, batch)) != shards[0]  # reshuffled per epoch

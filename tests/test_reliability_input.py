@@ -213,7 +213,7 @@ def test_train_on_a_messy_folder_counts_and_names_skipped_files(messy_folder, tm
 
 def _all_unreadable_batch_seed(n: int, bad: set[int], batch: int) -> int:
     for seed in range(20):
-        order = list(data.ShardSampler(n, 0, 1, seed, 0))
+        order = list(data.ShardSampler(n, 0, 1, seed, 0, batch))
         if any(bad >= set(order[i : i + batch]) for i in range(0, n, batch)):
             return seed
     raise AssertionError("no seed gives an all-unreadable batch")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -167,6 +168,12 @@ def test_submit_train_job_then_stop_a_long_one(ray_head, s3_server, mlflow_serve
     stopped = dino("jobs", "stop", long_job, *address, drop=("RAY_AUTH_MODE",))
     assert stopped.stdout.strip() == f"{long_job}: STOPPED"
     print(f"long job: stopped in {time.monotonic() - t1:.1f} s")
+    # gracefully: the driver's SIGTERM had the workers checkpoint the step in progress
+    stop_logs = dino("jobs", "logs", long_job, *address).stdout
+    m = re.search(r"stop requested: checkpoint of step (\d+) committed", stop_logs)
+    assert m, stop_logs[-3000:]
+    newest = sorted(p for p in fs.glob(f"{bucket}/runs/stopped/checkpoint_*/manifest.json"))[-1]
+    assert json.loads(fs.cat_file(newest))["global_step"] == int(m.group(1))
     # and with it its actors
     deadline = time.monotonic() + 60
     while alive := _alive_actors(ray_head, ray_job_id):

@@ -39,7 +39,8 @@ def test_cosine_schedule_endpoints_and_warmup():
     sched = cosine_schedule(1.0, 0.1, epochs=10, niter_per_ep=5, warmup_epochs=2)
     assert len(sched) == 50
     warm = sched[:10]
-    assert warm[0] == 0.0 and np.allclose(np.diff(warm), 0.1)  # linear from 0 to base
+    # linear from 0 to base, end point included (the reference's np.linspace)
+    assert warm[0] == 0.0 and warm[-1] == 1.0 and np.allclose(np.diff(warm), 1 / 9)
     assert sched[10] == pytest.approx(1.0)  # cosine starts at the base value
     # and ends one cosine step short of the final value, like the reference's schedule
     assert sched[-1] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 39 / 40)), abs=1e-12)
@@ -63,7 +64,9 @@ def test_paper_schedules():
     )
     assert scaled_lr(5e-4, 1024) == pytest.approx(2e-3)
     assert s.lr.max() == pytest.approx(2e-3)
-    assert np.argmax(s.lr) == 100  # the peak is right after 10 warm-up epochs
+    # the warm-up's last step (99) reaches the peak and the cosine starts there (100)
+    assert s.lr[99] == pytest.approx(2e-3) and s.lr[100] == pytest.approx(2e-3)
+    assert np.argmax(s.lr) in (99, 100) and s.lr[98] < s.lr[99]
     assert s.lr[-1] == pytest.approx(1e-6, rel=1e-2)
     assert s.weight_decay[0] == pytest.approx(0.04) and s.weight_decay[-1] == pytest.approx(
         0.4, abs=1e-4
@@ -76,6 +79,29 @@ def test_paper_schedules():
     assert s.teacher_temp[29 * 10] == pytest.approx(0.07)
     assert np.all(s.teacher_temp[300:] == pytest.approx(0.07))
     assert s.at(10**9)["lr"] == s.lr[-1]  # indexing past the end clamps
+
+
+def _reference_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
+                                start_warmup_value=0):
+    """A transcription of the reference DINO ``utils.cosine_scheduler``."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (
+        1 + np.cos(np.pi * iters / len(iters)))
+    schedule = np.concatenate((warmup_schedule, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
+@pytest.mark.parametrize("args", [
+    (5e-4 * 1024 / 256, 1e-6, 100, 37, 10), (0.04, 0.4, 3, 5), (0.996, 1.0, 7, 11),
+    (1.0, 0.1, 10, 5, 2, 0.25), (2.0, 0.0, 2, 3, 1), (1.0, 0.0, 1, 1),
+])  # fmt: skip
+def test_cosine_schedule_equals_the_reference_cosine_scheduler(args):
+    assert np.array_equal(cosine_schedule(*args), _reference_cosine_scheduler(*args))
 
 
 def test_teacher_temp_without_warmup_is_constant():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
+import sys
 import time
 
 EPILOG_OVERRIDES = (
@@ -83,3 +84,21 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.N
     if overrides:
         args.overrides = [*args.overrides, *overrides]
     return args
+
+
+def log_eval(args: argparse.Namespace, metrics: dict[str, float],
+             artifacts: list[str] | None = None) -> int:
+    """Logs an evaluation's metrics (and files) to the MLflow run of its checkpoint
+    (``--mlflow``); 1 with one ``dino:`` line if that fails."""
+    from service.evaluate import checkpoint_config, checkpoint_step, log_to_checkpoint_run
+
+    try:
+        uri, run_id = log_to_checkpoint_run(
+            checkpoint_config(args.checkpoint), metrics, artifacts or [],
+            checkpoint_step(args.checkpoint), args.tracking_uri)
+    except (ValueError, RuntimeError) as err:
+        print(f"dino: {err}", file=sys.stderr)
+        return 1
+    print(f"logged {len(metrics)} metrics and {len(artifacts or [])} files to MLflow {uri} "
+          f"run {run_id}", file=sys.stderr)
+    return 0

@@ -7,7 +7,8 @@ import argparse
 import json
 import sys
 
-from service.cli.common import mlflow_args, positive_int, weights_arg
+from service.cli import eval_retrieval, eval_video
+from service.cli.common import log_eval, mlflow_args, positive_int, weights_arg
 
 
 def _splits_args(p: argparse.ArgumentParser) -> None:
@@ -21,6 +22,8 @@ def _splits_args(p: argparse.ArgumentParser) -> None:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(
         dest="eval_command", required=True)
+    eval_video.add_parser(ev)
+    eval_retrieval.add_parser(ev)
     p = ev.add_parser("knn", help="weighted k-NN on labeled train/val folders")
     _splits_args(p)
     p.add_argument("--image-size", type=positive_int,
@@ -76,10 +79,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     mlflow_args(p)
     p.set_defaults(fn=cmd_attention)
 
-    p = sub.add_parser("export", help="teacher backbone -> timm-compatible safetensors")
-    p.add_argument("--checkpoint", required=True, help="checkpoint directory or URL")
-    p.add_argument("--out", required=True, help="output .safetensors path or URL")
-    p.add_argument("--which", choices=["teacher", "student"], default="teacher")
+    p = sub.add_parser("export", help="teacher backbone -> timm-compatible safetensors, or "
+                       "a checkpoint -> the reference DINO code's checkpoint.pth")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint directory/URL or run folder; also, for safetensors, a "
+                        "reference .pth, and for reference, an exported .safetensors")
+    p.add_argument("--out", required=True,
+                   help="output .safetensors path or URL (--format reference: checkpoint.pth)")
+    p.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                   help="safetensors: which backbone (reference: both are written)")
+    p.add_argument("--format", choices=["safetensors", "reference"], default="safetensors",
+                   help="reference: main_dino's checkpoint.pth layout (from a .safetensors: a "
+                        "backbone-only .pth like the released ones), for the reference's "
+                        "eval_knn.py / eval_linear.py / visualize_attention.py")
     p.set_defaults(fn=cmd_export)
 
 
@@ -101,23 +113,7 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
             r = res["by_k"][str(k)]
             print(f"{k:>5} {r['top1']:>6.2f}% {r['top5']:>6.2f}%")
     if args.mlflow:
-        return _log_eval(args, {"eval_knn_top1": res["top1"], "eval_knn_top5": res["top5"]})
-    return 0
-
-
-def _log_eval(args: argparse.Namespace, metrics: dict[str, float],
-              artifacts: list[str] | None = None) -> int:
-    from service.evaluate import checkpoint_config, checkpoint_step, log_to_checkpoint_run
-
-    try:
-        uri, run_id = log_to_checkpoint_run(
-            checkpoint_config(args.checkpoint), metrics, artifacts or [],
-            checkpoint_step(args.checkpoint), args.tracking_uri)
-    except (ValueError, RuntimeError) as err:
-        print(f"dino: {err}", file=sys.stderr)
-        return 1
-    print(f"logged {len(metrics)} metrics and {len(artifacts or [])} files to MLflow {uri} "
-          f"run {run_id}", file=sys.stderr)
+        return log_eval(args, {"eval_knn_top1": res["top1"], "eval_knn_top5": res["top5"]})
     return 0
 
 
@@ -141,7 +137,7 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
               f"({res['num_classes']} classes, chance {100 / res['num_classes']:.1f}%): "
               f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
     if args.mlflow:
-        return _log_eval(args, {"eval_linear_top1": res["top1"], "eval_linear_top5": res["top5"]})
+        return log_eval(args, {"eval_linear_top1": res["top1"], "eval_linear_top5": res["top5"]})
     return 0
 
 
@@ -183,13 +179,18 @@ def cmd_attention(args: argparse.Namespace) -> int:
             metrics = {"eval_jaccard_best": r["best"], "eval_jaccard_mean": r["mean"],
                        "eval_jaccard_best_head": r["best_head"],
                        **{f"eval_jaccard_head{i}": j for i, j in enumerate(r["per_head"])}}
-        return _log_eval(args, metrics, res.get("paths"))
+        return log_eval(args, metrics, res.get("paths"))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from service.evaluate.backbone import export_backbone
+    if args.format == "reference":
+        from service.evaluate.reference_export import export_reference
 
-    path = export_backbone(args.checkpoint, args.out, which=args.which)
+        path = export_reference(args.checkpoint, args.out)
+    else:
+        from service.evaluate.backbone import export_backbone
+
+        path = export_backbone(args.checkpoint, args.out, which=args.which)
     print(f"wrote {path}")
     return 0

@@ -17,6 +17,7 @@ from service.errors import (
     DataError,
     MissingExtraError,
     RunInUseError,
+    RunStopped,
     StorageError,
 )
 
@@ -25,6 +26,7 @@ EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
     (ConfigError, 2),
     (MissingExtraError, 2),
     (RunInUseError, 1),
+    (RunStopped, 1),
     (CheckpointError, 1),
     (StorageError, 1),
     (DataError, 1),
@@ -32,7 +34,7 @@ EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
     (ValueError, 1),
 )
 # these messages say everything; for the others the class name says what kind of input failed
-PLAIN = (ConfigError, MissingExtraError, RunInUseError)
+PLAIN = (ConfigError, MissingExtraError, RunInUseError, RunStopped)
 
 
 # Worker lines Ray forwards to the driver that say nothing a user acts on: Ray Train's

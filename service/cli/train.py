@@ -45,11 +45,11 @@ def _train(args: argparse.Namespace, json_out: TextIO | None = None) -> int:
         # a fresh name: two unnamed runs on one storage root never share a directory
         cfg = cfg.model_copy(update={"run_name": unique_run_name()})
     from service.storage import runlock
-    from service.train.driver import train
+    from service.train.driver import train, workers_label
 
     print(f"[dino] run {cfg.run_name!r}: {cfg.model.arch}/{cfg.model.patch_size}, "
           f"{cfg.train.epochs} epochs, global batch {cfg.train.batch_size} on "
-          f"{cfg.ray.num_workers} worker(s), storage {cfg.storage.root}", flush=True)
+          f"{workers_label(cfg)} worker(s), storage {cfg.storage.root}", flush=True)
     try:
         with runlock.hold(resolve_paths(cfg).storage.root, cfg.run_name):
             res = train(cfg)

@@ -49,6 +49,9 @@ EXCLUDES = [
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
+STOP_WAIT_S = "120"  # covers train.preemption_grace_s (30) with room for Ray's own shutdown
+
+
 def resolve_address(address: str | None = None, env: Mapping[str, str] = os.environ) -> str:
     """``address``, else ``RAY_API_SERVER_ADDRESS``, else an http(s) ``RAY_ADDRESS``, else
     the local dashboard. (A plain ``RAY_ADDRESS`` is a GCS ``host:port``, not the job API.)"""
@@ -107,6 +110,10 @@ def submit(
     env = os.environ if env is None else env
     args = list(command_args)
     runtime_env: dict[str, Any] = {"env_vars": job_env(env, pass_secrets)}
+    # `dino jobs stop` is SIGTERM to the driver, which asks the workers for a checkpoint of
+    # the step in progress; Ray's job supervisor SIGKILLs after this wait (its default is 3 s)
+    runtime_env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] = env.get("RAY_JOB_STOP_WAIT_TIME_S",
+                                                                  STOP_WAIT_S)
     if use_installed_package:
         entrypoint = shlex.join(["dino", *args])
     else:
@@ -174,7 +181,9 @@ def logs(
 
 
 def stop(job_id: str, wait: bool = False, address: str | None = None, timeout: float = 60) -> str:
-    """Ask the job to stop (SIGTERM to the driver, SIGKILL later); its status after that."""
+    """Ask the job to stop: SIGTERM to the driver, which has the workers checkpoint the step
+    in progress and end the run (``service.train.stopping``); Ray SIGKILLs it after
+    ``RAY_JOB_STOP_WAIT_TIME_S`` (set at submission). Returns the status after that."""
     c = client(address)
     c.stop_job(job_id)
     return wait_for(job_id, address, timeout) if wait else str(c.get_job_status(job_id))

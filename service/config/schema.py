@@ -4,6 +4,9 @@ The method's defaults have one home, ``dino_core``'s specs (``NetworkSpec``,
 ``ScheduleSpec``, ``MultiCropSpec``); the fields here take their defaults from there and
 ``service.config.specs`` builds the specs back from the sections without copying fields.
 A bad value fails on construction, naming the field and the allowed range.
+
+The module runs over 300 lines on purpose: it is the one list of every setting a user can
+change, a section per class, and splitting it would scatter that list.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class ModelConfig(_Section):
     head_hidden_dim: int = Field(NET.head_hidden_dim, ge=1, description="paper: 2048")
     head_bottleneck_dim: int = Field(NET.head_bottleneck_dim, ge=1, description="paper: 256")
     head_nlayers: int = Field(NET.head_nlayers, ge=1, le=8, description="paper: 3")
+    pos_embed_interpolation: Literal["reference", "timm"] = Field(NET.pos_embed_interpolation, description="position table at other crop sizes: reference (DINO's bicubic by (grid + 0.1) / side: the paper's numbers and the released weights use it) or timm (antialiased)")
 
 
 class DataConfig(_Section):
@@ -167,6 +171,17 @@ class TrainConfig(_Section):
     )
     max_skipped_steps: int = Field(10, ge=0, description="with skip: give up after this many")
     resume: str | None = Field(None, description="checkpoint URI to start from")
+    checkpoint_upload: Literal["background", "sync"] = Field(
+        "background", description="background: rank 0 writes the state to local disk and "
+        "training goes on while it uploads (one upload in flight); sync: the step waits")
+    preemption_grace_s: float = Field(
+        30.0, gt=0, description="time from a stop notice (SIGTERM to a worker, Ray's drain "
+        "of a node, `dino jobs stop`) to the end of the run's last checkpoint; Kubernetes' "
+        "default is 30 s (terminationGracePeriodSeconds)")
+    stop_check_every_steps: int = Field(
+        5, ge=1, description="steps between looks for a drain notice or a stop request "
+        "(each look is a barrier of a few ms); a SIGTERM is seen at the next step")
+    init_from: str | None = Field(None, description="weights to start a new run from: a reference checkpoint.pth / hub backbone .pth, our checkpoint or exported .safetensors; a fresh schedule, unlike train.resume")
 
 
 class EvalConfig(_Section):
@@ -221,7 +236,12 @@ class TrackingConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = Field(None, description="None: start a local Ray; 'auto' or host:port")
-    num_workers: int = Field(1, ge=1, description="data-parallel training workers")
+    num_workers: int | tuple[int, int] = Field(
+        1, description="data-parallel training workers; a range `2-4` or `[2, 4]` is elastic: "
+        "Ray starts with what the cluster has (at least the minimum) and resizes the group as "
+        "nodes come and go; the global batch and the schedules stay as configured")
+    elastic_resize_interval_s: float = Field(
+        60.0, gt=0, description="elastic runs: how often Ray looks for room to grow the group")
     use_gpu: bool = Field(False, description="one GPU per worker, NCCL")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker")
     max_failures: int = Field(0, ge=-1, description="group restarts on worker failure (-1: inf)")
@@ -229,6 +249,37 @@ class RayConfig(_Section):
     verbose: bool = Field(
         False, description="Ray's own INFO lines (a line per report, start-up banners); "
         "`dino -v` turns them on")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value: object) -> object:
+        """``2``, ``"2-4"``, ``[2, 4]`` or ``(2, 4)``; a range of one size is that size."""
+        if isinstance(value, str) and "-" in value:
+            value = value.split("-", 1)
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2:
+                raise ValueError(f"a worker range is [min, max], got {list(value)}")
+            low, high = (int(v) for v in value)
+            if not 1 <= low <= high:
+                raise ValueError(f"a worker range needs 1 <= min <= max, got {low}-{high}")
+            return low if low == high else (low, high)
+        if isinstance(value, str):
+            value = int(value)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"at least 1 worker, got {value}")
+        return value
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers != self.max_workers
 
 
 class DinoConfig(_Section):
@@ -248,10 +299,18 @@ class DinoConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DinoConfig:
-        batch, workers = self.train.batch_size, self.ray.num_workers
-        if batch % workers:
+        batch, r = self.train.batch_size, self.ray
+        for workers in range(r.min_workers, r.max_workers + 1):
+            if not batch % workers:
+                continue
             below, above = batch // workers * workers, (batch // workers + 1) * workers
             nearest = f"{below} or {above}" if below else f"{above}"
+            if r.elastic:
+                bad = [w for w in range(r.min_workers, r.max_workers + 1) if batch % w]
+                raise ValueError(
+                    f"train.batch_size ({batch}) must be divisible by every size of "
+                    f"ray.num_workers={r.min_workers}-{r.max_workers}, the per-worker batch "
+                    f"being global / world size; {bad} do not divide it")
             raise ValueError(
                 f"train.batch_size ({batch}) must be divisible by ray.num_workers ({workers}); "
                 f"nearest allowed: {nearest}"

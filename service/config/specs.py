@@ -42,7 +42,8 @@ def multicrop_spec(cfg: DinoConfig) -> MultiCropSpec:
 def backbone_meta(cfg: DinoConfig) -> dict[str, Any]:
     """What ``dino_core.export`` stores beside the weights to rebuild the backbone."""
     return {"arch": cfg.model.arch, "patch_size": cfg.model.patch_size,
-            "depth": cfg.model.depth, "img_size": cfg.aug.global_size}
+            "depth": cfg.model.depth, "img_size": cfg.aug.global_size,
+            "pos_embed_interpolation": cfg.model.pos_embed_interpolation}
 
 
 CONFIG_KEY = "dino_config"  # metadata key of the run's config in an exported backbone file

@@ -21,24 +21,31 @@ def eval_loader(ds: Dataset, batch_size: int, num_workers: int) -> DataLoader:
 
 
 class ShardSampler(Sampler[int]):
-    """This worker's share of a seeded permutation of the dataset, equal-sized across workers
-    (like ``DistributedSampler(drop_last=True)``), that can start ``skip`` samples in so a
-    run resumed mid-epoch does not see the same images twice."""
+    """This worker's share of a seeded permutation of the dataset, laid out by global batch:
+    global batch ``k`` is ``perm[k * B : (k + 1) * B]`` whatever the world size, and rank
+    ``r`` of ``world`` takes its ``r``-th slice of ``batch = B / world`` images. So a run
+    resumed mid-epoch at batch ``k`` (``skip_batches``), with the same or another number of
+    workers (an elastic group that grew or shrank), uses every image of the epoch exactly
+    once; the last ``n mod B`` images of the permutation are dropped, as
+    ``DistributedSampler(drop_last=True)`` drops a remainder."""
 
-    def __init__(self, n: int, rank: int, world: int, seed: int, epoch: int, skip: int = 0):
-        self.n, self.rank, self.world = n, rank, world
-        self.seed, self.epoch, self.skip = seed, epoch, skip
+    def __init__(self, n: int, rank: int, world: int, seed: int, epoch: int, batch: int,
+                 skip_batches: int = 0):
+        self.n, self.rank, self.world, self.batch = n, rank, world, batch
+        self.seed, self.epoch, self.skip_batches = seed, epoch, skip_batches
 
     def _indices(self) -> np.ndarray:
         perm = np.random.default_rng((self.seed, self.epoch)).permutation(self.n)
-        per_rank = self.n // self.world
-        return perm[self.rank * per_rank : (self.rank + 1) * per_rank][self.skip :]
+        steps = self.n // (self.batch * self.world)
+        by_batch = perm[: steps * self.batch * self.world].reshape(steps, self.world, self.batch)
+        return by_batch[self.skip_batches :, self.rank].reshape(-1)
 
     def __iter__(self) -> Iterator[int]:
         return iter(self._indices().tolist())
 
     def __len__(self) -> int:
-        return max(self.n // self.world - self.skip, 0)
+        steps = self.n // (self.batch * self.world)
+        return max(steps - self.skip_batches, 0) * self.batch
 
 
 def collate_encoded(batch: list[tuple[torch.Tensor, int] | None]
@@ -72,7 +79,8 @@ def train_loader(ds: Dataset, cfg: DinoConfig, rank: int, world: int, epoch: int
                           collate_fn=collate_encoded if ds.raw else collate_multicrop,
                           pin_memory=pin_memory and not ds.raw,
                           prefetch_factor=4 if workers else None)
-    sampler = ShardSampler(len(ds), rank, world, cfg.train.seed, epoch, skip_batches * local_batch)
+    sampler = ShardSampler(len(ds), rank, world, cfg.train.seed, epoch, local_batch,
+                           skip_batches)
     gen = torch.Generator().manual_seed(
         int(np.random.default_rng((cfg.train.seed, rank, epoch, skip_batches)).integers(2**62))
     )

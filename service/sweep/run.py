@@ -20,6 +20,7 @@ from service.sweep.space import check_space, parse_domain
 from service.sweep.stopper import OBJECTIVE, CollapseStopper
 from service.train.driver import (
     build_trainer,
+    check_shared_storage,
     init_ray,
     run_info,
     start_tracking,
@@ -69,6 +70,7 @@ def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[s
     parent = start_tracking(validate({**base.model_dump(mode="json"), "run_name": spec.name}),
                             extra_tags={"sweep": spec.name, "kind": "sweep"})
     init_ray(base, extra_resources={DRIVER_RESOURCE: spec.max_concurrent})
+    check_shared_storage(base)
 
     param_space: dict[str, Any] = {k: parse_domain(k, v) for k, v in spec.space.items()}
     param_space.update({

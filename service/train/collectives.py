@@ -57,3 +57,48 @@ def broadcast_from_rank0(values: torch.Tensor, world_size: int,
         values = _on_backend(values, device)
         dist.broadcast(values, src=0)
     return values.cpu()
+
+
+def all_gather_rows(x: torch.Tensor, world_size: int, device: torch.device) -> torch.Tensor:
+    """Every rank's rows, in rank order, on every rank (on the host).
+
+    Args:
+        x: this rank's ``(n_r, *rest)``; ``n_r`` may differ between ranks (each share is
+            padded to the longest for ``all_gather``, then trimmed). Every rank passes the
+            same number of dimensions and dtype; an empty share may leave ``rest`` unknown
+            (e.g. ``(0, 0)``): it takes the others'.
+        world_size: ranks in the default group; with one, ``x`` comes back as it is.
+        device: this rank's device; NCCL gathers there, gloo on the host.
+
+    Returns:
+        ``(sum_r n_r, *rest)``: rank 0's rows first.
+
+    Raises:
+        ValueError: two non-empty shares differ in ``rest`` (on every rank alike).
+    """
+    if world_size == 1:
+        return x.cpu()
+    shape = _on_backend(torch.tensor(x.shape, dtype=torch.int64), device)
+    shapes = [torch.empty_like(shape) for _ in range(world_size)]
+    dist.all_gather(shapes, shape)
+    sizes = [s.tolist() for s in shapes]
+    rests = {tuple(s[1:]) for s in sizes if s[0] > 0}
+    if len(rests) > 1:
+        raise ValueError(f"all_gather_rows: the ranks' rows differ in shape: {sizes}")
+    rest = rests.pop() if rests else tuple(x.shape[1:])
+    longest = max(s[0] for s in sizes)
+    padded = x.new_zeros((longest, *rest))
+    padded[: x.shape[0]] = x.reshape(x.shape[0], *rest)
+    padded = _on_backend(padded, device)
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: s[0]].cpu() for p, s in zip(parts, sizes, strict=True)])
+
+
+def max_over_ranks(values: list[float], world_size: int) -> list[float]:
+    """The element-wise maximum of ``values`` over the ranks: one all-reduce of a host
+    tensor (like ``any_rank``, several flags at once)."""
+    x = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=host_group())
+    return x.tolist()

@@ -25,8 +25,14 @@ class RunContext(Protocol):
     world_size: int
     device: torch.device
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        """Every rank reports the same number of times; only rank 0 passes a checkpoint."""
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None,
+               background: bool = False) -> None:
+        """Every rank reports the same number of times; only rank 0 passes a checkpoint (a
+        local folder the context removes once stored; ``background``: stored while training
+        goes on)."""
+
+    def preemption_notice(self) -> Any:
+        """Not None while a node of the group is being drained (Ray's preemption info)."""
 
     def registered_checkpoint(self) -> str | None:
         """The URL of the newest checkpoint the scheduler knows of (None: none or unknown)."""
@@ -58,7 +64,9 @@ class InProcessContext:
         self.run_url, self.keep_last = run_url, keep_last
         self.reports: list[tuple[dict[str, Any], str | None]] = []
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None,
+               background: bool = False) -> None:
+        """Stores the checkpoint before it returns (``background`` is for Ray's workers)."""
         url = None
         if checkpoint_dir is not None:
             url = storage.join(self.run_url, checkpoint_name())
@@ -66,6 +74,7 @@ class InProcessContext:
                 shutil.copytree(checkpoint_dir, url.removeprefix("file://"))
             else:
                 storage.upload_dir(checkpoint_dir, url)
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
             self._prune()
         self.reports.append((dict(metrics), url))
 
@@ -73,6 +82,9 @@ class InProcessContext:
         for old in ckpt.checkpoint_dirs(self.run_url)[: -self.keep_last]:
             fs, path = storage.get_fs(old)
             fs.rm(path, recursive=True)
+
+    def preemption_notice(self) -> Any:
+        return None
 
     def registered_checkpoint(self) -> str | None:
         found = ckpt.checkpoint_dirs(self.run_url)

@@ -15,10 +15,12 @@ from typing import Any
 from service import data, storage
 from service.cluster.env import job_env
 from service.config import DinoConfig, flatten, resolve_paths
+from service.errors import ConfigError, RunStopped
 from service.storage import checkpoints as ckpt
 from service.storage.arrow import pyarrow_fs
 from service.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri, git_revision
 from service.train.preflight import preflight
+from service.train.stopping import clear_stop, request_stop
 from service.train.worker import RunInfo, train_loop_per_worker
 
 log = logging.getLogger(__name__)
@@ -117,7 +119,10 @@ def interruptible(trainer_cls: type) -> type:
 
 def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None):
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
+
+    from service.train.backend import DinoTorchConfig
+    from service.train.resize import SaveBeforeResize
 
     resources = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
@@ -134,17 +139,21 @@ def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None)
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "run": asdict(info)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu,
-            resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.ray.elastic_resize_interval_s),
+        torch_config=DinoTorchConfig(backend="nccl" if cfg.ray.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            # a drained (preempted) node's restarts are counted apart, without limit
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures,
+                                                   max_preemption_failures=-1),
             # Ray Train's INFO lines ("Reporting training result N: ...") beside our own
             # progress line are noise unless asked for
             logging_config=ray.train.LoggingConfig(
                 log_level="INFO" if cfg.ray.verbose else "WARNING"),
-            callbacks=callbacks or [],
+            callbacks=[*(callbacks or []),
+                       SaveBeforeResize(cfg.run_name, 2 * cfg.train.preemption_grace_s)],
             worker_runtime_env={"env_vars": env} if cfg.ray.address else None,
             **storage_kwargs(cfg.storage.root),
         ),
@@ -158,7 +167,7 @@ def start_tracking(cfg: DinoConfig, parent_run_id: str | None = None,
     uri, artifacts = tracking_for(cfg)
     if uri is None:
         return NullTracker()
-    tags = {"git_revision": git_revision(), "world_size": str(cfg.ray.num_workers),
+    tags = {"git_revision": git_revision(), "world_size": workers_label(cfg),
             **(extra_tags or {})}
     tracker = MLflowTracker.start(uri, cfg.tracking.experiment, cfg.run_name, artifacts, tags,
                             parent_run_id)
@@ -188,6 +197,37 @@ def storage_failure(root: str, run_url: str, err: BaseException,
     return storage.StorageError("\n".join([*lines, f"  cause: {cause.strip()[:1000]}"]))
 
 
+def workers_label(cfg: DinoConfig) -> str:
+    r = cfg.ray
+    return f"{r.min_workers}-{r.max_workers}" if r.elastic else str(r.num_workers)
+
+
+def check_shared_storage(cfg: DinoConfig) -> None:
+    """On a cluster of more than one node, ``storage.root`` must be storage every node
+    sees: each node would write its checkpoints to its own disk, and a group restarted on
+    another node would not find them. Checked once Ray is up, before training starts."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) > 1 and storage.is_local(cfg.storage.root):
+        raise ConfigError(
+            f"storage.root={cfg.storage.root} is a local path, but the Ray cluster has "
+            f"{len(nodes)} nodes: workers on other nodes cannot see it (each would write its "
+            "checkpoints to its own disk, and a group restarted elsewhere would not find "
+            "them); use shared storage, e.g. storage.root=s3://bucket/runs")
+
+
+def on_sigterm(run_url: str) -> Any:
+    """SIGTERM to the driver (``dino jobs stop``, a pod deleted): ask the workers to
+    checkpoint and end the run; ``fit()`` returns once they have."""
+
+    def handler(signum: int, frame: Any) -> None:
+        log.warning("[dino] SIGTERM: asking the workers to checkpoint and stop")
+        request_stop(run_url, "SIGTERM to the driver")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def run_info(run_url: str, tracker: Tracker) -> RunInfo:
     pending = getattr(tracker, "pending_run", None)
     return RunInfo(run_url=run_url, tracking_uri=tracker.uri, mlflow_run_id=tracker.run_id,
@@ -203,8 +243,16 @@ def train(cfg: DinoConfig) -> TrainResult:
     preflight(cfg, run_url)  # before any cluster resource is taken
     tracker = start_tracking(cfg)
     info = run_info(run_url, tracker)
-    init_ray(cfg)
+    if clear_stop(run_url):
+        log.warning("[dino] %s: removed the stop request of an earlier stop", run_url)
+    try:
+        init_ray(cfg)
+        check_shared_storage(cfg)
+    except BaseException:
+        tracker.end("FAILED")
+        raise
     INTERRUPTED.clear()
+    previous = on_sigterm(run_url) if threading.current_thread() is threading.main_thread() else None
     try:
         result = build_trainer(cfg, info).fit()
     except BaseException as err:
@@ -216,9 +264,17 @@ def train(cfg: DinoConfig) -> TrainResult:
         if storage.GAVE_UP in str(err):  # a StorageError of a worker or Ray's controller
             raise storage_failure(cfg.storage.root, run_url, err, not cfg.ray.address) from err
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if INTERRUPTED.is_set():  # aborted, and fit() returned what there was
         tracker.end("KILLED")
         raise KeyboardInterrupt
+    if clear_stop(run_url):  # stopped on request, with a checkpoint of the last step
+        tracker.end("KILLED")
+        raise RunStopped(f"run {cfg.run_name} stopped on request at step "
+                         f"{(result.metrics or {}).get('step', '?')}, checkpoint saved; "
+                         "`dino train` with the same run name resumes")
     tracker.end("FINISHED")
     return TrainResult(
         run_name=cfg.run_name, run_url=run_url,

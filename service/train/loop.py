@@ -26,12 +26,14 @@ from service.config.specs import run_metadata
 from service.errors import DataError
 from service.storage import checkpoints as ckpt
 from service.tracking import Tracker
-from service.train.collectives import any_rank, sum_over_ranks
+from service.train.collectives import max_over_ranks, sum_over_ranks
 from service.train.context import RunContext
-from service.train.evaluation import knn_on_rank0
+from service.train.evaluation import knn_distributed
+from service.train.init_from import apply_init_from
 from service.train.policies import Cadence, FaultInjector, NonFiniteGuard
 from service.train.progress import Progress, say
 from service.train.state import TrainState, seed_everything
+from service.train.stopping import Notice, Preempted, StopWatch
 
 BACKBONE_FILE = "teacher_backbone.safetensors"
 
@@ -52,6 +54,8 @@ class Loop:
         niter = data.steps_per_epoch(n_images, cfg, ctx.world_size)
         self.state = s = TrainState(cfg, ctx, niter)
         self.restored_from = s.restore(run_url, ctx)
+        if cfg.train.init_from and self.restored_from is None:  # resume wins over init_from
+            self._say(apply_init_from(cfg.train.init_from, s.student, s.teacher, s.loss_fn))
         s.compile()
         self.model = ctx.wrap_model(s.student)  # only after restoring into the plain module
         self.cadence = Cadence(cfg, niter)
@@ -61,6 +65,8 @@ class Loop:
         self.progress = Progress(ctx.world_size)
         self.skipped_images = self.images_attempted = 0
         self.last_metrics: dict[str, float] = {}
+        self.stops = StopWatch(ctx, run_url, cfg.run_name, cfg.train.stop_check_every_steps)
+        self.stopped = False  # a stop request ended the run early (it resumes later)
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> None:
@@ -73,6 +79,10 @@ class Loop:
             f"on {self.ctx.device}")
         while not s.finished:
             self.run_epoch()
+            if self.stopped:
+                self._say(f"[dino] stopped at step {s.global_step} ({self.stops.reason}); "
+                          "`dino train` with the same run name resumes from there")
+                return
             self.end_epoch()
         self.finish()
 
@@ -87,7 +97,13 @@ class Loop:
                 labels = labels[kept]
             self.skipped_images += n_skipped
             self.images_attempted += labels.numel() + n_skipped
-            if any_rank(labels.numel() == 0, self.ctx.world_size, self.ctx.device):
+            # one all-reduce per step: an all-unreadable batch anywhere, and stop notices
+            empty, notice = max_over_ranks(
+                [labels.numel() == 0, self.stops.local(s.global_step)], self.ctx.world_size)
+            if notice:
+                self.save_and_stop(self.stops.agreed(Notice(int(notice))))
+                return
+            if empty:
                 # every image of the batch was unreadable: no step, on every rank alike (DDP's
                 # all-reduces must pair up)
                 s.global_step += 1
@@ -101,6 +117,26 @@ class Loop:
                 loss = {k: v for k, v in self.last_metrics.items() if k == "loss"}
                 self.report({"epoch": s.epoch, "step": s.global_step, **loss}, checkpoint=True)
         self.guard.check()
+
+    def save_and_stop(self, notice: Notice) -> None:
+        """Commits a checkpoint of the current step, on every rank together, then ends
+        the run (a stop request), holds until Ray replaces the group (a drain, a resize) or
+        leaves (SIGTERM to a worker; Ray restarts the group)."""
+        s, grace = self.state, self.cfg.train.preemption_grace_s
+        started = time.time()
+        self.guard.check()
+        self.report({"epoch": s.epoch, "step": s.global_step}, checkpoint=True, background=False)
+        took = time.time() - started
+        self._say(f"[dino] {self.stops.reason}: checkpoint of step {s.global_step} committed "
+                  f"in {took:.1f} s (train.preemption_grace_s={grace:g})")
+        self.stops.saved()
+        if notice == Notice.STOP:
+            self.stopped = True
+        elif notice == Notice.LEAVE:
+            raise Preempted(f"{self.stops.reason}: left after the checkpoint of step "
+                            f"{s.global_step}")
+        else:
+            self.stops.hold(grace + (self.stops.deadline_s or 0))
 
     def epoch_batches(self) -> Iterator[tuple[Any, torch.Tensor, int]]:
         """This rank's batches of the current epoch from where the state is. The loader's
@@ -162,7 +198,8 @@ class Loop:
             self.log({"loss": out.loss, **values, **{k: float(v) for k, v in out.stats.items()},
                       "images_per_sec": self.progress.images_per_sec(),
                       "step_time": time.time() - started, "epoch": s.epoch,
-                      "skipped_images": self.skipped_images, "nonfinite_steps": self.guard.skipped})
+                      "skipped_images": self.skipped_images, "nonfinite_steps": self.guard.skipped,
+                      "world_size": self.ctx.world_size})
             self.progress.new_window()
 
     def check_unreadable(self) -> None:
@@ -190,7 +227,7 @@ class Loop:
             metrics["loss"] = self.last_metrics["loss"]
             metrics["teacher_entropy"] = self.last_metrics["teacher_entropy"]
         if self.cadence.knn_due(s.epoch, epoch_done, s.finished):
-            knn = knn_on_rank0(self.cfg, self.ctx, s.teacher.backbone, s.amp_dtype)
+            knn = knn_distributed(self.cfg, self.ctx, s.teacher.backbone, s.amp_dtype)
             self.tracker.log_metrics(knn, s.global_step)
             self._say(f"[dino] epoch {s.epoch_label} k-NN top-1 {knn['knn_top1']:.1f}% "
                       f"(k={self.cfg.eval.knn_k})")
@@ -199,13 +236,23 @@ class Loop:
         self.report(metrics, checkpoint=save)
 
     # ---- reporting ---------------------------------------------------------------------
-    def report(self, metrics: dict[str, Any], checkpoint: bool) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint: bool,
+               background: bool | None = None) -> None:
+        """Every rank reports; rank 0 writes the checkpoint to local disk and hands it
+        over: uploaded in the background (``train.checkpoint_upload``, one upload in flight,
+        the next report waits for it) or before this returns (``background=False``: a
+        checkpoint that must be committed before the workers go)."""
         s = self.state
         s.skipped_steps = self.guard.skipped  # the guard counts; the state saves the count
+        if background is None:
+            background = self.cfg.train.checkpoint_upload == "background"
         if checkpoint and self.ctx.rank == 0:
-            with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as d:
-                ckpt.write_checkpoint(d, s.state_dict(), to_yaml(self.cfg))
-                self.ctx.report(metrics, d)
+            started = time.time()
+            d = tempfile.mkdtemp(prefix="dino-ckpt-")  # the context removes it once uploaded
+            ckpt.write_checkpoint(d, s.state_dict(), to_yaml(self.cfg))
+            self.ctx.report(metrics, d, background)
+            self.tracker.log_metrics({"checkpoint_stall_s": time.time() - started},
+                                     s.global_step)
             self._say(f"[dino] checkpoint saved at epoch {s.epoch_label} step {s.global_step}")
         else:
             self.ctx.report(metrics, None)

@@ -11,6 +11,7 @@ from service import data, storage
 from service.config import DataSource, DinoConfig, ProceduralSource, network_spec, validate
 from service.errors import CheckpointError, ConfigError, DataError
 from service.storage import checkpoints as ckpt
+from service.train.init_from import check_init_from
 
 log = logging.getLogger(__name__)
 SAMPLE = 32  # images decoded to judge a folder before training on it
@@ -84,7 +85,7 @@ def _model_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
     a, b = network_spec(saved), network_spec(cfg)
     out = []
     for key in a.__dataclass_fields__:
-        if key == "drop_path_rate":  # no shape of its own
+        if key in ("drop_path_rate", "pos_embed_interpolation"):  # no shape of their own
             continue
         if getattr(a, key) != getattr(b, key):
             name = "aug.global_size" if key == "img_size" else f"model.{key}"
@@ -107,6 +108,16 @@ def preflight(cfg: DinoConfig, run_url: str) -> None:
     if cfg.data.loader == "ray_data" and not data.batched(cfg):
         raise ConfigError("data.loader=ray_data decodes to canvases for the batched "
                           "augmentation: it needs aug.backend=auto or batched, not per_image")
+    if cfg.ray.elastic and cfg.data.loader == "ray_data":
+        raise ConfigError(f"ray.num_workers={cfg.ray.min_workers}-{cfg.ray.max_workers} with "
+                          "data.loader=ray_data: Ray Data's order is its own, so a resized "
+                          "group could not re-partition what is left of an epoch; use "
+                          "data.loader=torch or a fixed ray.num_workers")
+    if cfg.ray.elastic and data.is_packed(cfg.data.path):
+        raise ConfigError(f"ray.num_workers={cfg.ray.min_workers}-{cfg.ray.max_workers} with "
+                          f"the packed dataset {cfg.data.path}: each rank streams its own "
+                          "shards, a plan that a resize cannot re-partition mid-epoch yet; "
+                          "use a fixed ray.num_workers (or an image folder)")
     check_images(cfg.data.path, cfg.data.source, cfg, "data.path", cfg.train.batch_size)
     if cfg.eval.knn_every_epochs:
         check_images(cfg.eval.train_path, cfg.eval.train_source, cfg, "eval.train_path")
@@ -120,3 +131,5 @@ def preflight(cfg: DinoConfig, run_url: str) -> None:
         except CheckpointError as err:
             raise CheckpointError(f"train.resume: {err}") from None
         check_same_model(resume, cfg, "train.resume:")
+    if cfg.train.init_from:
+        check_init_from(cfg.train.init_from)

@@ -19,13 +19,25 @@ class RayContext:
         self.device = ray.train.torch.get_device()
         self.run_url = run_url
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None,
+               background: bool = False) -> None:
+        """``background``: Ray uploads the checkpoint in a thread of its own while training
+        goes on (the next report waits for it); either way the local copy is removed once
+        it is in storage."""
         import ray.train
 
-        checkpoint = None
-        if checkpoint_dir is not None:
-            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        mode = (ray.train.CheckpointUploadMode.ASYNC if background
+                else ray.train.CheckpointUploadMode.SYNC)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_upload_mode=mode, delete_local_checkpoint_after_upload=True)
+
+    def preemption_notice(self) -> Any:
+        import ray.train
+
+        return ray.train.get_preemption_info()
 
     def registered_checkpoint(self) -> str | None:
         import ray.train

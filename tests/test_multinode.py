@@ -1,0 +1,250 @@
+"""Training on a real multi-node Ray cluster on this machine: a head (no CPU) and 1-CPU worker
+nodes, each its own raylet in a process group of its own (``service.devtools.multinode``),
+storage in moto's S3. Nodes are lost by SIGKILL to their process group, as a machine is."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+from test_reliability_faults import QUIET, REPO, _read_until
+
+from service.devtools.multinode import LocalCluster
+
+pytestmark = pytest.mark.integration
+STEP = r"step (\d+)/(\d+)"
+
+
+@pytest.fixture(scope="module")
+def _cluster(s3_server) -> Iterator[LocalCluster]:
+    """One cluster for the module (each start costs ~20 s): a head with Tune's trial-driver
+    slots and worker nodes ``a`` and ``b``; every process it left is killed by pid."""
+    from conftest import private_ray_tmpdir
+
+    with private_ray_tmpdir() as path:
+        c = LocalCluster(path, env=s3_server.service.env)
+        try:
+            c.start(resources={"trial_driver": 2})
+            yield c
+        finally:
+            c.stop()
+
+
+@pytest.fixture
+def cluster(_cluster) -> LocalCluster:
+    """The module's cluster with exactly the worker nodes ``a`` and ``b`` alive (a test may
+    have killed one or added others)."""
+    for name in [n for n in _cluster.nodes if n not in ("head", "a", "b")]:
+        _cluster.kill_node(name)
+    for name in ("a", "b"):
+        node = _cluster.nodes.get(name)
+        if node is not None and node.proc.poll() is not None:
+            del _cluster.nodes[name]
+        if name not in _cluster.nodes:
+            _cluster.drain_timeout_s = 0
+            _cluster.add_node(name)
+    _cluster.wait_nodes(3, 90)
+    _cluster.drain_timeout_s = 0
+    return _cluster
+
+
+def run_cmd(cluster: LocalCluster, root: str, name: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "service.cli", "train", *QUIET, f"ray.address={cluster.address}",
+            f"storage.root={root}", f"run_name={name}", "ray.num_workers=2", *overrides]
+
+
+def start(cmd: list[str], cluster: LocalCluster) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **cluster.client_env()},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def node_of(cluster: LocalCluster, pid: int) -> str:
+    """The worker node whose ``ray start`` process is an ancestor of ``pid``."""
+    leaders = {n.proc.pid: name for name, n in cluster.nodes.items()}
+    for parent in psutil.Process(pid).parents():
+        if parent.pid in leaders:
+            return leaders[parent.pid]
+    raise AssertionError(f"pid {pid} is on no node of the cluster")
+
+
+def worker_pids(proc: subprocess.Popen, world: int, lines: list[str]) -> dict[int, int]:
+    pids: dict[int, int] = {}
+    while len(pids) < world:
+        m = _read_until(proc, rf"worker rank (\d+)/{world} pid (\d+)", lines, 240)
+        pids[int(m.group(1))] = int(m.group(2))
+    return pids
+
+
+def finish(proc: subprocess.Popen, lines: list[str], timeout: float = 300) -> str:
+    rest, _ = proc.communicate(timeout=timeout)
+    text = "".join(lines) + rest
+    assert proc.returncode == 0, text[-5000:]
+    return text
+
+
+def steps_logged(text: str) -> list[int]:
+    """The global steps of the progress lines, once each in the order first seen (every
+    worker line reaches the driver once per node)."""
+    seen: list[int] = []
+    for m in re.finditer(STEP, text):
+        if int(m.group(1)) not in seen:
+            seen.append(int(m.group(1)))
+    return seen
+
+
+def test_local_storage_is_refused_on_a_multi_node_cluster(cluster, tmp_path):
+    out = subprocess.run(run_cmd(cluster, str(tmp_path), "local"), cwd=REPO,
+                         env={**os.environ, **cluster.client_env()}, capture_output=True,
+                         text=True, timeout=180)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
+    assert f"storage.root={tmp_path} is a local path" in out.stderr
+    assert "workers on other nodes cannot see it" in out.stderr
+    assert not list(tmp_path.glob("local/checkpoint_*"))
+
+
+def test_a_lost_node_costs_at_most_the_checkpoint_interval(cluster, s3_server):
+    """Workers on two different nodes; the node of rank 1 is killed (its whole process
+    group) after the step-4 checkpoint. The group restarts on the third node from the newest
+    complete checkpoint, the step counter goes on from it, and the run completes."""
+    cluster.add_node("c")
+    root = f"s3://{s3_server.new_bucket('loss')}/runs"
+    proc = start(run_cmd(cluster, root, "loss", "train.epochs=3", "train.checkpoint_every_steps=4",
+                         "ray.max_failures=2"), cluster)
+    lines: list[str] = []
+    try:
+        pids = worker_pids(proc, 2, lines)
+        nodes = {rank: node_of(cluster, pid) for rank, pid in pids.items()}
+        assert len(set(nodes.values())) == 2, nodes  # one worker per node
+        _read_until(proc, r"checkpoint saved at epoch 1 step 4", lines, 240)
+        _read_until(proc, STEP, lines, 120)
+        cluster.kill_node(nodes[1])
+        killed = time.monotonic()
+        m = _read_until(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, 300)
+        resumed = int(m.group(1))
+        # the driver prints worker lines late: the last step done is the last one printed
+        # before the restarted group's first line
+        at_kill = max(int(s) for s in re.findall(STEP.split(" ", 1)[0] + r" (\d+)/",
+                                                 "".join(lines[:-1])))
+        nxt = int(_read_until(proc, STEP, lines, 120).group(1))
+        recovery_s = time.monotonic() - killed
+        text = finish(proc, lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lost = at_kill - resumed
+    print(f"\n[figures] node loss: last step before the kill {at_kill}, resumed at step {resumed}, next "
+          f"step {nxt} {recovery_s:.1f} s after the kill; steps lost {lost} (interval 4)")
+    assert resumed >= 4 and 0 <= lost <= 4, (at_kill, resumed)
+    assert nxt == resumed + 1
+    assert "step 24/24" in text
+
+
+def test_sigterm_to_a_worker_checkpoints_the_current_step_and_loses_none(cluster, s3_server):
+    """SIGTERM to rank 1's process: every rank checkpoints the step in progress, leaves, and
+    the restarted group resumes exactly there (no checkpoint interval: only epochs)."""
+    root = f"s3://{s3_server.new_bucket('term')}/runs"
+    proc = start(run_cmd(cluster, root, "term", "train.epochs=4", "ray.max_failures=1",
+                         "train.checkpoint_every_epochs=0"), cluster)
+    lines: list[str] = []
+    try:
+        pids = worker_pids(proc, 2, lines)
+        last = int(_read_until(proc, r"step (1[0-9])/32", lines, 240).group(1))
+        os.kill(pids[1], signal.SIGTERM)
+        sent = time.monotonic()
+        m = _read_until(proc, r"SIGTERM to a training worker: checkpoint of step (\d+) "
+                              r"committed in ([\d.]+) s", lines, 120)
+        saved, save_s = int(m.group(1)), float(m.group(2))
+        commit_s = time.monotonic() - sent
+        m = _read_until(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, 300)
+        resumed = int(m.group(1))
+        text = finish(proc, lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    logged_before = max(s for s in steps_logged(text) if s <= saved)
+    print(f"\n[figures] SIGTERM: last step seen {last}, checkpoint of step {saved} written in "
+          f"{save_s:.1f} s, committed {commit_s:.1f} s after the signal; resumed at {resumed}; "
+          f"steps lost {saved - resumed}")
+    assert saved >= last and resumed == saved == logged_before
+    assert steps_logged(text) == list(range(1, 33))  # no gap, no step twice
+    assert "step 32/32" in text
+
+
+def test_an_elastic_group_grows_and_shrinks_without_repeating_a_step(cluster, s3_server):
+    """ray.num_workers=2-3 on two nodes: a third node joins and the group grows to 3 (after
+    a checkpoint of the step in progress, asked by the resize hook); a node is then drained
+    (SIGTERM to its ``ray start``, as Kubernetes deletes a pod) and the group shrinks to 2,
+    again from a checkpoint of the step in progress. The global batch stays 12."""
+    root = f"s3://{s3_server.new_bucket('elastic')}/runs"
+    proc = start(run_cmd(cluster, root, "el", "ray.num_workers=2-3", "train.batch_size=12",
+                         "data.procedural_size=240", "train.epochs=6", "ray.max_failures=2",
+                         "ray.elastic_resize_interval_s=5", "train.stop_check_every_steps=1",
+                         "train.checkpoint_every_epochs=0"), cluster)
+    cluster.drain_timeout_s = 20
+    lines: list[str] = []
+    try:
+        worker_pids(proc, 2, lines)
+        _read_until(proc, STEP, lines, 240)
+        cluster.add_node("c")
+        added = time.monotonic()
+        m = _read_until(proc, r"Ray resizes the worker group: checkpoint of step (\d+)", lines, 240)
+        grow_saved = int(m.group(1))
+        grown = worker_pids(proc, 3, lines)
+        grow_s = time.monotonic() - added
+        m = _read_until(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, 120)
+        assert int(m.group(1)) == grow_saved
+        _read_until(proc, STEP, lines, 120)
+        assert "c" in {node_of(cluster, pid) for pid in grown.values()}
+        cluster.terminate_node("c")  # started with a 20 s drain
+        drained = time.monotonic()
+        m = _read_until(proc, r"checkpoint of step (\d+) committed", lines, 240)
+        shrink_saved = int(m.group(1))
+        worker_pids(proc, 2, lines)
+        shrink_s = time.monotonic() - drained
+        text = finish(proc, lines, timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    print(f"\n[figures] elastic: grew 2->3 {grow_s:.1f} s after the node joined (saved step "
+          f"{grow_saved}); shrank 3->2 {shrink_s:.1f} s after the drain began (saved step "
+          f"{shrink_saved})")
+    total = 6 * (240 // 12)
+    assert steps_logged(text) == list(range(1, total + 1))  # no gap, no step twice
+    assert f"step {total}/{total}" in text
+
+
+def test_a_sweep_trial_whose_node_is_lost_resumes_from_its_own_checkpoint(cluster, s3_server):
+    """One trial of ``dino tune`` (its driver on the head, its worker on a worker node): the
+    worker's node is killed after the trial's step-4 checkpoint; the trial's group restarts
+    on the other node from that checkpoint, not from step 0, and the trial ends ok."""
+    import json
+
+    root = f"s3://{s3_server.new_bucket('sweep')}/runs"
+    cmd = [sys.executable, "-m", "service.cli", "tune", *QUIET, f"ray.address={cluster.address}",
+           f"storage.root={root}", "run_name=sw", "ray.num_workers=1", "train.epochs=3",
+           "train.checkpoint_every_steps=4", "ray.max_failures=2", "--name", "swn",
+           "--param", "optim.lr=grid:0.002", "--json"]
+    proc = start(cmd, cluster)
+    lines: list[str] = []
+    try:
+        pid = worker_pids(proc, 1, lines)[0]
+        _read_until(proc, r"checkpoint saved at epoch 1 step 4", lines, 300)
+        cluster.kill_node(node_of(cluster, pid))
+        m = _read_until(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, 300)
+        resumed = int(m.group(1))
+        text = finish(proc, lines, timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rows = json.loads(text.strip().splitlines()[-1])["rows"]
+    print(f"\n[figures] sweep: trial resumed at step {resumed} after its node was lost")
+    assert resumed >= 4
+    assert len(rows) == 1 and rows[0]["status"] == "ok" and rows[0]["epochs"] == 3

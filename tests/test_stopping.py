@@ -1,0 +1,93 @@
+"""Stop notices in the real loop, in this process (``InProcessContext``): a stop request and
+a SIGTERM each end the run with a checkpoint of the step in progress, and the resumed run
+gives, step for step, the losses of a run that was never stopped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+from test_train_loop import TINY, LossRecorder
+
+from service.config import load_config
+from service.storage import checkpoints as ckpt
+from service.train import stopping
+from service.train.context import InProcessContext
+from service.train.loop import Loop
+
+
+class NoticeAt(LossRecorder):
+    """Gives a notice when the loop logs step ``at``: it takes effect before the next one."""
+
+    def __init__(self, at: int, notice) -> None:
+        super().__init__()
+        self.at, self.notice = at, notice
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        super().log_metrics(metrics, step)
+        if step == self.at and "loss" in metrics:
+            self.notice()
+
+
+@pytest.fixture
+def no_sigterm() -> Iterator[None]:
+    stopping.SIGTERM_SEEN.clear()
+    yield
+    stopping.SIGTERM_SEEN.clear()
+
+
+def _loop(root: Path, name: str, tracker: LossRecorder) -> Loop:
+    cfg = load_config(None, None, [*TINY, f"storage.root={root}", f"run_name={name}",
+                                   "train.stop_check_every_steps=1"])
+    return Loop(cfg, InProcessContext(str(root / name), cfg.train.keep_last), str(root / name),
+                tracker)
+
+
+def _resume(root: Path, name: str) -> dict[int, float]:
+    tracker = LossRecorder()
+    loop = _loop(root, name, tracker)
+    loop.run()
+    assert loop.state.finished
+    return tracker.losses()
+
+
+def test_a_stop_request_checkpoints_the_current_step_and_ends_the_run(
+        tmp_path, one_torch_thread, no_sigterm):
+    whole = LossRecorder()
+    _loop(tmp_path, "whole", whole).run()
+    run_url = str(tmp_path / "split")
+    first = NoticeAt(3, lambda: stopping.request_stop(run_url, "test"))
+    loop = _loop(tmp_path, "split", first)
+    loop.run()
+    assert loop.stopped and loop.state.global_step == 3 and loop.state.batch_in_epoch == 3
+    saved = ckpt.checkpoint_dirs(run_url)
+    assert [ckpt.verify(d)["global_step"] for d in saved] == [3]
+    assert not (tmp_path / "split" / "teacher_backbone.safetensors").exists()  # not finished
+    assert stopping.clear_stop(run_url)  # as the next `dino train` does
+    second = _resume(tmp_path, "split")
+    assert min(second) == 4
+    assert {**first.losses(), **second} == whole.losses()  # no step lost, none twice
+
+
+def test_sigterm_checkpoints_the_current_step_then_leaves(tmp_path, one_torch_thread,
+                                                          no_sigterm):
+    whole = LossRecorder()
+    _loop(tmp_path, "whole", whole).run()
+    first = NoticeAt(8, stopping.SIGTERM_SEEN.set)  # the handler's whole work
+    with pytest.raises(stopping.Preempted, match="SIGTERM to a training worker: left after "
+                                                 "the checkpoint of step 8"):
+        _loop(tmp_path, "term", first).run()
+    saved = ckpt.checkpoint_dirs(str(tmp_path / "term"))
+    assert ckpt.verify(saved[-1])["global_step"] == 8  # epoch 1 (6) and the notice's (8)
+    stopping.SIGTERM_SEEN.clear()  # a new process
+    second = _resume(tmp_path, "term")
+    assert min(second) == 9
+    assert {**first.losses(), **second} == whole.losses()
+
+
+def test_the_world_size_is_logged_with_every_step(tmp_path, one_torch_thread, no_sigterm):
+    tracker = LossRecorder()
+    _loop(tmp_path, "ws", tracker).run()
+    logged = [m["world_size"] for _, m in tracker.metrics if "loss" in m]
+    assert logged and set(logged) == {1}
