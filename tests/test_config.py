@@ -105,6 +105,10 @@ def test_yaml_round_trip_and_flatten(tmp_path):
          "optim.momentum_teacher: Input should be greater than or equal to 0"),
         (["train.batch_size=10", "ray.num_workers=3"],
          "train.batch_size (10) must be divisible by ray.num_workers (3); nearest allowed: 9 or 12"),
+        (["train.batch_size=16", "ray.num_workers=2-4"],
+         "train.batch_size (16) must be divisible by every size of ray.num_workers=2-4, the "
+         "per-worker batch being global / world size; [3] do not divide it"),
+        (["ray.num_workers=[4, 2]"], "a worker range needs 1 <= min <= max, got 4-2"),
         (["train.bogus=1"], "train.bogus: unknown key; allowed keys here: epochs, batch_size"),
         (["train.storage=s3://bucket/x"], "train.storage: unknown key; allowed keys here: epochs"),
         (["model.arch=vit_huge"],

@@ -91,3 +91,18 @@ def test_the_world_size_is_logged_with_every_step(tmp_path, one_torch_thread, no
     _loop(tmp_path, "ws", tracker).run()
     logged = [m["world_size"] for _, m in tracker.metrics if "loss" in m]
     assert logged and set(logged) == {1}
+
+
+def test_an_elastic_range_on_packed_data_is_refused_before_ray(tmp_path):
+    from dino_core.data.procedural import write_image_folder
+    from service.config import ConfigError, resolve_paths
+    from service.data.pack import pack
+    from service.train.preflight import preflight
+
+    write_image_folder(tmp_path / "imgs", 30, 24, 3, 0, masks=False)
+    pack(str(tmp_path / "imgs"), str(tmp_path / "shards"), shard_bytes=8_000, parallel=False)
+    cfg = resolve_paths(load_config(None, None, [
+        *TINY, f"storage.root={tmp_path / 'runs'}", f"data.path={tmp_path / 'shards'}",
+        "ray.num_workers=2-4", "train.batch_size=12"]))
+    with pytest.raises(ConfigError, match="ray.num_workers=2-4 with the packed dataset"):
+        preflight(cfg, str(tmp_path / "runs" / "x"))
