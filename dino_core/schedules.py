@@ -21,20 +21,23 @@ def cosine_schedule(
     niter_per_ep: int,
     warmup_epochs: int = 0,
     start_warmup_value: float = 0.0,
+    warmup_includes_end: bool = True,
 ) -> np.ndarray:
     """Linear warm-up from ``start_warmup_value`` to ``base_value`` over ``warmup_epochs``,
     then a half cosine from ``base_value`` to ``final_value``: the reference DINO code's
     ``utils.cosine_scheduler``, value for value. The warm-up includes its end point (its last
     iteration is at ``base_value``, and so is the first of the cosine), and the cosine part's
     ``i``-th value is at angle ``pi * i / n`` over its ``n`` iterations, so it ends one step
-    short of ``final_value``.
+    short of ``final_value``. ``warmup_includes_end=False`` stops the warm-up one step short
+    of ``base_value`` (this project's schedule before it matched the reference's).
 
     Returns:
         ``(epochs * niter_per_ep,)`` float64 array.
     """
     total = epochs * niter_per_ep
     warmup_iters = min(warmup_epochs * niter_per_ep, total)
-    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters,
+                         endpoint=warmup_includes_end)
     iters = np.arange(total - warmup_iters)
     n = max(len(iters), 1)
     cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / n))
@@ -101,7 +104,8 @@ def build_schedules(
     s = replace(spec or ScheduleSpec(), **changes)
     return Schedules(
         lr=cosine_schedule(
-            scaled_lr(s.lr, global_batch_size), s.min_lr, epochs, niter_per_ep, s.warmup_epochs
+            scaled_lr(s.lr, global_batch_size), s.min_lr, epochs, niter_per_ep, s.warmup_epochs,
+            warmup_includes_end=s.warmup_includes_end,
         ),
         weight_decay=cosine_schedule(s.weight_decay, s.weight_decay_end, epochs, niter_per_ep),
         momentum=cosine_schedule(s.momentum_teacher, 1.0, epochs, niter_per_ep),

@@ -39,6 +39,8 @@ class ScheduleSpec:
     lr: float = 5e-4  # base lr at batch 256, scaled linearly with the global batch
     min_lr: float = 1e-6
     warmup_epochs: int = 10
+    # the lr warm-up reaches the base lr at its last step, as the reference's cosine_scheduler
+    warmup_includes_end: bool = True
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
     momentum_teacher: float = 0.996

@@ -129,6 +129,9 @@ class OptimConfig(_Section):
     lr: float = Field(SCHED.lr, gt=0, description="base lr at batch 256, scaled linearly")
     min_lr: float = Field(SCHED.min_lr, ge=0, description="end of the cosine decay")
     warmup_epochs: int = Field(SCHED.warmup_epochs, ge=0, description="linear lr warm-up (paper: 10)")
+    warmup_includes_end: bool = Field(
+        SCHED.warmup_includes_end, description="the warm-up's last step is at the base lr, as "
+        "the reference's cosine_scheduler; false: one step short (the quickstart's setting)")
     weight_decay: float = Field(SCHED.weight_decay, ge=0, description="start of the cosine wd schedule")
     weight_decay_end: float = Field(SCHED.weight_decay_end, ge=0, description="end of the cosine wd schedule")
     clip_grad: float = Field(3.0, ge=0, description="per-parameter grad norm cap; 0 = off")
