@@ -50,6 +50,14 @@ def test_cosine_schedule_endpoints_and_warmup():
     assert mid == pytest.approx(0.1 + 0.5 * 0.9 * (1 + math.cos(math.pi * 0.5)), abs=1e-9)
 
 
+def test_a_warmup_without_its_end_point_stops_one_step_short():
+    s = cosine_schedule(1.0, 0.0, epochs=3, niter_per_ep=4, warmup_epochs=1,
+                        warmup_includes_end=False)
+    assert np.allclose(s[:4], [0.0, 0.25, 0.5, 0.75]) and s[4] == 1.0
+    default = cosine_schedule(1.0, 0.0, epochs=3, niter_per_ep=4, warmup_epochs=1)
+    assert np.allclose(default[:4], [0.0, 1 / 3, 2 / 3, 1.0]) and np.array_equal(s[4:], default[4:])
+
+
 def test_paper_schedules():
     s = build_schedules(
         epochs=100,
