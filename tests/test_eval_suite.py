@@ -459,6 +459,6 @@ def test_cli_bad_checkpoint_is_one_line_not_a_traceback(checkpoint, tmp_path, ca
     assert "never completed" in capsys.readouterr().err
     assert main(["export", "--checkpoint", checkpoint, "--out", str(tmp_path / "b.safetensors")]) == 0
     capsys.readouterr()
-    assert main([*knn, "--checkpoint", str(tmp_path / "b.safetensors"), "--weights", "random"]) == 1
-    assert "dino: ValueError: an exported backbone holds only its own weights, not 'random'" in \
+    assert main([*knn, "--checkpoint", str(tmp_path / "b.safetensors"), "--weights", "student"]) == 1
+    assert "dino: ValueError: an exported backbone holds only its own weights, not 'student'" in \
         capsys.readouterr().err

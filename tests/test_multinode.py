@@ -43,15 +43,16 @@ def cluster(_cluster) -> LocalCluster:
     have killed one or added others)."""
     for name in [n for n in _cluster.nodes if n not in ("head", "a", "b")]:
         _cluster.kill_node(name)
+        _cluster.wait_gone(name)
+    _cluster.drain_timeout_s = 0
     for name in ("a", "b"):
         node = _cluster.nodes.get(name)
         if node is not None and node.proc.poll() is not None:
             del _cluster.nodes[name]
         if name not in _cluster.nodes:
-            _cluster.drain_timeout_s = 0
-            _cluster.add_node(name)
-    _cluster.wait_nodes(3, 90)
-    _cluster.drain_timeout_s = 0
+            _cluster.wait_gone(name)  # the head still lists a node killed a moment ago
+            _cluster.add_node(name, timeout=120)
+    _cluster.wait_nodes(3, 120)
     return _cluster
 
 
@@ -81,6 +82,16 @@ def worker_pids(proc: subprocess.Popen, world: int, lines: list[str]) -> dict[in
         m = _read_until(proc, rf"worker rank (\d+)/{world} pid (\d+)", lines, 240)
         pids[int(m.group(1))] = int(m.group(2))
     return pids
+
+
+def seen_or_read(proc: subprocess.Popen, pattern: str, lines: list[str], since: int,
+                 timeout: float) -> re.Match:
+    """``pattern`` in the lines read since index ``since``, else in the next ones (a
+    restarted group prints "resumed" before its "worker rank" lines)."""
+    for line in lines[since:]:
+        if m := re.search(pattern, line):
+            return m
+    return _read_until(proc, pattern, lines, timeout)
 
 
 def finish(proc: subprocess.Popen, lines: list[str], timeout: float = 300) -> str:
@@ -116,8 +127,10 @@ def test_a_lost_node_costs_at_most_the_checkpoint_interval(cluster, s3_server):
     complete checkpoint, the step counter goes on from it, and the run completes."""
     cluster.add_node("c")
     root = f"s3://{s3_server.new_bucket('loss')}/runs"
+    # sync uploads: a "checkpoint saved" line is then a checkpoint in storage (in the
+    # background, steps lost are the interval plus the steps of one upload)
     proc = start(run_cmd(cluster, root, "loss", "train.epochs=3", "train.checkpoint_every_steps=4",
-                         "ray.max_failures=2"), cluster)
+                         "ray.max_failures=2", "train.checkpoint_upload=sync"), cluster)
     lines: list[str] = []
     try:
         pids = worker_pids(proc, 2, lines)
@@ -180,12 +193,16 @@ def test_sigterm_to_a_worker_checkpoints_the_current_step_and_loses_none(cluster
 
 def test_an_elastic_group_grows_and_shrinks_without_repeating_a_step(cluster, s3_server):
     """ray.num_workers=2-3 on two nodes: a third node joins and the group grows to 3 (after
-    a checkpoint of the step in progress, asked by the resize hook); a node is then drained
-    (SIGTERM to its ``ray start``, as Kubernetes deletes a pod) and the group shrinks to 2,
-    again from a checkpoint of the step in progress. The global batch stays 12."""
+    a checkpoint of the step in progress, asked by the resize hook); that node is then
+    drained (SIGTERM to its ``ray start``, as Kubernetes deletes a pod) and the group shrinks
+    to 2, again from a checkpoint of the step in progress. The global batch stays 12. A stop
+    request then ends the (long) run, after a checkpoint too; its step history has no gap
+    and no step twice."""
+    from service.train.stopping import request_stop
+
     root = f"s3://{s3_server.new_bucket('elastic')}/runs"
     proc = start(run_cmd(cluster, root, "el", "ray.num_workers=2-3", "train.batch_size=12",
-                         "data.procedural_size=240", "train.epochs=6", "ray.max_failures=2",
+                         "data.procedural_size=240", "train.epochs=1000", "ray.max_failures=2",
                          "ray.elastic_resize_interval_s=5", "train.stop_check_every_steps=1",
                          "train.checkpoint_every_epochs=0"), cluster)
     cluster.drain_timeout_s = 20
@@ -196,29 +213,36 @@ def test_an_elastic_group_grows_and_shrinks_without_repeating_a_step(cluster, s3
         cluster.add_node("c")
         added = time.monotonic()
         m = _read_until(proc, r"Ray resizes the worker group: checkpoint of step (\d+)", lines, 240)
-        grow_saved = int(m.group(1))
+        grow_saved, at = int(m.group(1)), len(lines)
         grown = worker_pids(proc, 3, lines)
         grow_s = time.monotonic() - added
-        m = _read_until(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, 120)
+        m = seen_or_read(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, at, 120)
         assert int(m.group(1)) == grow_saved
         _read_until(proc, STEP, lines, 120)
         assert "c" in {node_of(cluster, pid) for pid in grown.values()}
         cluster.terminate_node("c")  # started with a 20 s drain
         drained = time.monotonic()
         m = _read_until(proc, r"checkpoint of step (\d+) committed", lines, 240)
-        shrink_saved = int(m.group(1))
+        shrink_saved, at = int(m.group(1)), len(lines)
         worker_pids(proc, 2, lines)
         shrink_s = time.monotonic() - drained
-        text = finish(proc, lines, timeout=400)
+        m = seen_or_read(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, at, 120)
+        assert int(m.group(1)) == shrink_saved
+        _read_until(proc, STEP, lines, 120)
+        request_stop(f"{root}/el", "the test is done")
+        m = _read_until(proc, r"stop requested: checkpoint of step (\d+) committed", lines, 120)
+        stopped = int(m.group(1))
+        rest, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines) + rest
     print(f"\n[figures] elastic: grew 2->3 {grow_s:.1f} s after the node joined (saved step "
           f"{grow_saved}); shrank 3->2 {shrink_s:.1f} s after the drain began (saved step "
-          f"{shrink_saved})")
-    total = 6 * (240 // 12)
-    assert steps_logged(text) == list(range(1, total + 1))  # no gap, no step twice
-    assert f"step {total}/{total}" in text
+          f"{shrink_saved}); stopped on request at step {stopped}")
+    assert proc.returncode == 1 and f"stopped on request at step {stopped}" in text, text[-3000:]
+    assert grow_saved < shrink_saved < stopped
+    assert steps_logged(text) == list(range(1, stopped + 1))  # no gap, no step twice
 
 
 def test_a_sweep_trial_whose_node_is_lost_resumes_from_its_own_checkpoint(cluster, s3_server):
@@ -230,7 +254,8 @@ def test_a_sweep_trial_whose_node_is_lost_resumes_from_its_own_checkpoint(cluste
     root = f"s3://{s3_server.new_bucket('sweep')}/runs"
     cmd = [sys.executable, "-m", "service.cli", "tune", *QUIET, f"ray.address={cluster.address}",
            f"storage.root={root}", "run_name=sw", "ray.num_workers=1", "train.epochs=3",
-           "train.checkpoint_every_steps=4", "ray.max_failures=2", "--name", "swn",
+           "train.checkpoint_every_steps=4", "ray.max_failures=2",
+           "train.checkpoint_upload=sync", "--name", "swn",
            "--param", "optim.lr=grid:0.002", "--json"]
     proc = start(cmd, cluster)
     lines: list[str] = []

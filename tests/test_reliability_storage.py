@@ -204,8 +204,8 @@ def _steps_in_bucket(out: S3Outage, run_name: str, tmp_path: Path) -> dict[int, 
 def test_s3_outage_during_training_is_waited_out(s3_outage, tmp_path, ray_tmp):
     """The proxy to S3 is killed at step ~3 of 24 and restarted 30 s later (longer than
     botocore's own retries bridge): the checkpoint upload that meets the outage is retried
-    until storage is back, training goes on, and all 3 epoch checkpoints and the backbone are
-    in the bucket, complete."""
+    in the background until storage is back while training goes on, and all 3 epoch
+    checkpoints and the backbone are in the bucket, complete."""
     outage_s = 30.0
     run = Run.start([*QUIET, f"storage.root=s3://{s3_outage.bucket}/runs", "run_name=outage",
                      "train.epochs=3", "train.keep_last=10"],
@@ -226,11 +226,12 @@ def test_s3_outage_during_training_is_waited_out(s3_outage, tmp_path, ray_tmp):
     assert "step 24/24" in text
     after = run.after(back_at)
     retries = re.findall(r"failed \(.*\); retry \d+ in", "".join(run.after(down_at)))
-    saved_after = [line for line in after if "checkpoint saved at" in line]
-    recovered = next(t for t, line in run.lines if t >= back_at and "checkpoint saved" in line)
+    during = [line for t, line in run.lines if down_at <= t < back_at]
+    steps_during = re.findall(r"step (\d+)/24 ", "".join(during))
     assert retries, text[-5000:]
-    assert saved_after, text[-5000:]
+    assert steps_during, text[-5000:]  # the upload waits in the background, not the step
     assert "reachable again" in text
+    assert after, text[-5000:]
     steps = _steps_in_bucket(s3_outage, "outage", tmp_path)
     assert sorted(steps) == [8, 16, 24], steps
     assert s3_outage.s3fs().exists(f"{s3_outage.bucket}/runs/outage/teacher_backbone.safetensors")
@@ -240,20 +241,20 @@ def test_s3_outage_during_training_is_waited_out(s3_outage, tmp_path, ray_tmp):
     before = "".join(line for t, line in run.lines if t <= down_at)
     killed_at_step = re.findall(r"step (\d+)/24 ", before)
     print(f"\nS3 outage {outage_s:.0f} s (proxy killed after step {killed_at_step[-1]} was "
-          f"printed): {len(retries)} retries logged, first checkpoint after the restart "
-          f"{recovered - back_at:.1f} s later ({saved_after[0].strip()[-40:]}); "
-          f"checkpoints in the bucket at steps {sorted(steps)}, all verified")
+          f"printed): {len(retries)} retries logged, {len(set(steps_during))} steps trained "
+          f"during the outage; checkpoints in the bucket at steps {sorted(steps)}, all verified")
 
 
 
 def test_s3_that_never_comes_back_fails_the_run_and_keeps_the_checkpoint(
     s3_outage, tmp_path, ray_tmp
 ):
-    """The proxy is killed at step ~3 and stays down, DINO_STORAGE_RETRY_SECONDS=8: the
-    run fails with an error naming the storage URL and the checkpoint that could not be
-    uploaded, which is on local disk, complete."""
+    """The proxy is killed at step ~3 and stays down, DINO_STORAGE_RETRY_SECONDS=8, uploads
+    synchronous: the run fails at the checkpoint with an error naming the storage URL and the
+    checkpoint that could not be uploaded, which is on local disk, complete."""
     root = f"s3://{s3_outage.bucket}/runs"
-    run = Run.start([*QUIET, f"storage.root={root}", "run_name=gone", "train.epochs=3"],
+    run = Run.start([*QUIET, f"storage.root={root}", "run_name=gone", "train.epochs=3",
+                     "train.checkpoint_upload=sync"],
                     {**s3_outage.env, "RAY_TMPDIR": str(ray_tmp),
                      "DINO_STORAGE_RETRY_SECONDS": "8"})  # fmt: skip
     try:

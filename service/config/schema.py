@@ -176,7 +176,8 @@ class TrainConfig(_Section):
     resume: str | None = Field(None, description="checkpoint URI to start from")
     checkpoint_upload: Literal["background", "sync"] = Field(
         "background", description="background: rank 0 writes the state to local disk and "
-        "training goes on while it uploads (one upload in flight); sync: the step waits")
+        "training goes on while it uploads to object storage (one upload in flight; a local "
+        "storage.root is always sync); sync: the step waits")
     preemption_grace_s: float = Field(
         30.0, gt=0, description="time from a stop notice (SIGTERM to a worker, Ray's drain "
         "of a node, `dino jobs stop`) to the end of the run's last checkpoint; Kubernetes' "

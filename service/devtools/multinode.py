@@ -97,13 +97,13 @@ class LocalCluster:
 
     def add_node(self, name: str, num_cpus: int = 1, wait: bool = True,
                  timeout: float = 90) -> Node:
-        before = len(self.alive_nodes())
         node = self._spawn(name, [
             f"--address={self.address}", f"--num-cpus={num_cpus}",
             f"--resources={json.dumps({f'node_{name}': 1})}",
             f"--dashboard-agent-listen-port={free_port(HOST)}"])
         if wait:
-            self.wait_nodes(before + 1, timeout)
+            self.wait_until(lambda: self.node_id(name) is not None, timeout,
+                            f"node {name} alive")
         return node
 
     def alive_nodes(self) -> list[dict]:
@@ -115,6 +115,22 @@ class LocalCluster:
         except (OSError, ValueError, KeyError):
             return []
         return [n for n in rows if n.get("state") == "ALIVE"]
+
+    def wait_until(self, done, timeout: float, what: str) -> None:
+        """Polls ``done()`` until it is true; an error naming ``what`` and the tails of the
+        logs of nodes that exited, after ``timeout`` seconds."""
+        deadline = time.time() + timeout
+        while not done():
+            dead = [n.name for n in self.nodes.values() if n.proc.poll() is not None]
+            if dead or time.time() > deadline:
+                tails = {n: self.nodes[n].log.read_text()[-2000:] for n in dead}
+                raise RuntimeError(f"not {what} within {timeout} s (alive: "
+                                   f"{len(self.alive_nodes())} nodes); exited: {tails}")
+            time.sleep(0.5)
+
+    def wait_gone(self, name: str, timeout: float = 60) -> None:
+        """Until the head no longer lists node ``name`` as alive (after a kill)."""
+        self.wait_until(lambda: self.node_id(name) is None, timeout, f"node {name} gone")
 
     def wait_nodes(self, count: int, timeout: float) -> None:
         deadline = time.time() + timeout

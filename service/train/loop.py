@@ -244,8 +244,9 @@ class Loop:
         checkpoint that must be committed before the workers go)."""
         s = self.state
         s.skipped_steps = self.guard.skipped  # the guard counts; the state saves the count
-        if background is None:
-            background = self.cfg.train.checkpoint_upload == "background"
+        if background is None:  # a local root is a copy on this disk: nothing to wait for
+            background = (self.cfg.train.checkpoint_upload == "background"
+                          and not storage.is_local(self.run_url))
         if checkpoint and self.ctx.rank == 0:
             started = time.time()
             d = tempfile.mkdtemp(prefix="dino-ckpt-")  # the context removes it once uploaded
@@ -253,7 +254,9 @@ class Loop:
             self.ctx.report(metrics, d, background)
             self.tracker.log_metrics({"checkpoint_stall_s": time.time() - started},
                                      s.global_step)
-            self._say(f"[dino] checkpoint saved at epoch {s.epoch_label} step {s.global_step}")
+            where = " on local disk, uploading in the background" if background else ""
+            self._say(f"[dino] checkpoint saved at epoch {s.epoch_label} step {s.global_step}"
+                      f"{where}")
         else:
             self.ctx.report(metrics, None)
 

@@ -19,6 +19,7 @@ same one that checks for unreadable batches), which is what lets them checkpoint
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -27,7 +28,10 @@ from enum import IntEnum
 
 from service import storage
 
+log = logging.getLogger(__name__)
+
 SIGTERM_SEEN = threading.Event()
+STOP_POLL_S = 10.0  # how often rank 0 looks for a stop request in storage
 STOP_MARKER = "control/stop"
 RESIZE_KEY = "dino:{run}:save-request"  # Ray internal KV: the resize hook's request id
 SAVED_KEY = "dino:{run}:saved"  # the request id rank 0 answers with, once it has saved
@@ -100,6 +104,31 @@ def kv_put(key: str, value: bytes) -> None:
         internal_kv._internal_kv_put(key, value, overwrite=True)
 
 
+class MarkerPoller(threading.Thread):
+    """Looks for the run's stop marker every ``every_s`` seconds, off the training thread: a
+    storage call can take seconds (or fail, during an outage, which is not a stop request),
+    and the step must not wait for it."""
+
+    def __init__(self, run_url: str, every_s: float) -> None:
+        super().__init__(name="dino-stop-marker", daemon=True)
+        self.run_url, self.every_s = run_url, every_s
+        self.seen = threading.Event()
+        self.failures = 0
+
+    def run(self) -> None:
+        while not self.seen.is_set():
+            try:
+                if stop_requested(self.run_url):
+                    self.seen.set()
+                    return
+            except Exception as err:  # storage away: no request seen; the next look retries
+                self.failures += 1
+                if self.failures == 1:
+                    log.warning("[dino] could not look for a stop request at %s: %s",
+                                stop_marker(self.run_url), err)
+            time.sleep(self.every_s)
+
+
 class StopWatch:
     """One rank's view of the notices; ``local(step)`` is this rank's, every step (the loop
     reduces it over the ranks). Drain notices and requests are looked for every ``every``
@@ -112,6 +141,7 @@ class StopWatch:
         self.request: bytes | None = None  # the resize request being answered
         self.reason = ""
         self.deadline_s: float | None = None
+        self.poller: MarkerPoller | None = None  # rank 0's look at the stop marker
 
     def local(self, step: int) -> Notice:
         notice = Notice.NONE
@@ -131,7 +161,10 @@ class StopWatch:
             if request and request != kv_get(self.saved_key):
                 self.request, self.reason = request, "Ray resizes the worker group"
                 notice = Notice.HOLD
-        if notice < Notice.STOP and stop_requested(self.run_url):
+        if self.poller is None:
+            self.poller = MarkerPoller(self.run_url, STOP_POLL_S)
+            self.poller.start()
+        if notice < Notice.STOP and self.poller.seen.is_set():
             self.reason, notice = "stop requested", Notice.STOP
         return notice
 
