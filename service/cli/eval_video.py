@@ -6,17 +6,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from service.cli.common import log_eval, mlflow_args, positive_int, weights_arg
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
+from service.cli.common import (
+    log_eval,
+    mlflow_args,
+    non_negative_int,
+    positive_int,
+    weights_arg,
+)
 
 
 def add_parser(ev: argparse._SubParsersAction) -> None:
@@ -29,11 +25,11 @@ def add_parser(ev: argparse._SubParsersAction) -> None:
                    help="'procedural' (built-in moving shapes) or a local DAVIS 2017 root "
                         "(holding ImageSets/, JPEGImages/480p/, Annotations/480p/)")
     p.add_argument("--split", default="val", help="DAVIS split list ImageSets/2017/<split>.txt")
-    p.add_argument("--n-last-frames", type=_non_negative_int, default=7,
+    p.add_argument("--n-last-frames", type=non_negative_int, default=7,
                    help="previous frames used besides the first (paper: 7)")
     p.add_argument("--topk", type=positive_int, default=5,
                    help="neighbours whose labels are averaged (paper: 5)")
-    p.add_argument("--neighborhood", type=_non_negative_int, default=12,
+    p.add_argument("--neighborhood", type=non_negative_int, default=12,
                    help="half-side in patches of the source window; 0: whole frame (paper: 12)")
     p.add_argument("--image-size", type=positive_int,
                    help="shorter side of the network input (default: the frames' own, 480 "

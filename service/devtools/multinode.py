@@ -133,14 +133,8 @@ class LocalCluster:
         self.wait_until(lambda: self.node_id(name) is None, timeout, f"node {name} gone")
 
     def wait_nodes(self, count: int, timeout: float) -> None:
-        deadline = time.time() + timeout
-        while len(self.alive_nodes()) != count:
-            dead = [n.name for n in self.nodes.values() if n.proc.poll() is not None]
-            if dead or time.time() > deadline:
-                tails = {n: self.nodes[n].log.read_text()[-2000:] for n in dead}
-                raise RuntimeError(f"cluster did not reach {count} alive nodes in {timeout} s "
-                                   f"(now {len(self.alive_nodes())}); exited: {tails}")
-            time.sleep(0.5)
+        self.wait_until(lambda: len(self.alive_nodes()) == count, timeout,
+                        f"{count} alive nodes")
 
     def node_id(self, name: str) -> str | None:
         """The node id of worker node ``name`` (by its custom resource)."""

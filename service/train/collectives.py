@@ -1,7 +1,7 @@
 """The few collectives the loop needs, correct for gloo (CPU) and NCCL (GPU), no-ops for one
 rank.
 
-``any_rank`` runs every step (is any rank's batch all unreadable?). On NCCL it goes through a
+``max_over_ranks`` runs every step (is any rank's batch all unreadable? a stop notice?). On NCCL it goes through a
 gloo group of its own, on host tensors: the ranks' hosts meet, but none waits for its GPU
 (through NCCL the flag would be a device tensor, and ``.item()`` a device sync per step)."""
 
@@ -32,15 +32,6 @@ def host_group():
     if not _HOST_GROUP:
         _HOST_GROUP.append(dist.new_group(backend="gloo"))
     return _HOST_GROUP[0]
-
-
-def any_rank(flag: bool, world_size: int, device: torch.device) -> bool:
-    """True if ``flag`` is true on any rank: one all-reduce of a host tensor, never a wait
-    for the device."""
-    value = torch.tensor(float(flag))
-    if world_size > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=host_group())
-    return bool(value.item())
 
 
 def sum_over_ranks(value: float, world_size: int, device: torch.device) -> float:
@@ -97,7 +88,7 @@ def all_gather_rows(x: torch.Tensor, world_size: int, device: torch.device) -> t
 
 def max_over_ranks(values: list[float], world_size: int) -> list[float]:
     """The element-wise maximum of ``values`` over the ranks: one all-reduce of a host
-    tensor (like ``any_rank``, several flags at once)."""
+    tensor, never a wait for the device."""
     x = torch.tensor([float(v) for v in values], dtype=torch.float64)
     if world_size > 1:
         dist.all_reduce(x, op=dist.ReduceOp.MAX, group=host_group())
