@@ -394,25 +394,9 @@ def test_write_davis_round_trip_of_the_procedural_set(tmp_path):
 
 # --- service and CLI -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A quickstart-shaped checkpoint directory (ViT-Tiny/8, 4 blocks) with random weights."""
-    from dino_core import NetworkSpec, build_networks
-    from service.config import backbone_meta, load_config, to_yaml
-    from service.storage.checkpoints import write_checkpoint
-
-    cfg = load_config("quickstart")
-    m = cfg.model
-    student, teacher = build_networks(NetworkSpec(
-        arch=m.arch, patch_size=m.patch_size, img_size=cfg.aug.global_size, depth=m.depth,
-        drop_path_rate=0.0, out_dim=m.out_dim, head_hidden_dim=m.head_hidden_dim,
-        head_bottleneck_dim=m.head_bottleneck_dim))
-    state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-             "config": cfg.model_dump(mode="json"), "backbone_meta": backbone_meta(cfg),
-             "epoch": 1, "global_step": 32}
-    directory = tmp_path_factory.mktemp("ckpt") / "checkpoint_000001"
-    write_checkpoint(directory, state, to_yaml(cfg))
-    return str(directory)
+@pytest.fixture
+def checkpoint(random_quickstart_checkpoint: str) -> str:
+    return random_quickstart_checkpoint
 
 
 def test_cli_eval_video_procedural_json_with_masks(checkpoint, tmp_path, capsys):
