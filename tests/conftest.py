@@ -1,5 +1,6 @@
 """Shared fixtures: session-scoped local services for integration tests, started and stopped
-by pid, and a one-thread setting for tests of tiny tensors."""
+by pid, and a one-thread setting for tests of tiny tensors; the per-test time budget and the
+no-skip rule."""
 
 from __future__ import annotations
 
@@ -15,6 +16,46 @@ import psutil
 import pytest
 
 from service.devtools import stack
+
+# ---------------------------------------------------------------------------- time budget
+# Every test must end within its budget: ``@pytest.mark.budget(seconds)`` beside the test,
+# else DEFAULT_BUDGET_S. The budget covers setup, call and teardown, fixtures included (a
+# shared fixture, e.g. a session's S3 or MLflow server or a module's trained run, is paid by
+# the first test that uses it). Budgets are sized for CI's machine (2 cores, nothing else
+# running) at about 1.5x a measured run; DINO_TEST_BUDGET_SCALE stretches all of them on a
+# slower or busier machine.
+DEFAULT_BUDGET_S = 10.0
+_SPENT = pytest.StashKey[float]()
+
+
+def budget_of(item: pytest.Item) -> float:
+    marker = item.get_closest_marker("budget")
+    seconds = float(marker.args[0]) if marker else DEFAULT_BUDGET_S
+    return seconds * float(os.environ.get("DINO_TEST_BUDGET_SCALE") or 1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        return
+    if report.skipped:
+        # Only a test that needs a GPU may skip; anything else missing is a failure.
+        if item.get_closest_marker("gpu") is None and not hasattr(report, "wasxfail"):
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid} was skipped ({report.longrepr[-1]}): only tests "
+                               "marked gpu may skip; install what it needs (pip install -e '.[dev]')")
+        return
+    spent = item.stash.get(_SPENT, 0.0) + report.duration
+    item.stash[_SPENT] = spent
+    limit = budget_of(item)
+    if report.when != "setup" and spent > limit:
+        item.stash[_SPENT] = float("-inf")  # said once
+        report.outcome = "failed"
+        report.longrepr = (f"{item.nodeid} took {spent:.1f} s (setup to {report.when}), over "
+                           f"its budget of {limit:.0f} s: make it faster, or raise its "
+                           "@pytest.mark.budget with a measured reason")
 
 
 @contextmanager
@@ -112,6 +153,21 @@ def mlflow_server(s3_server, tmp_path_factory) -> Iterator[stack.Service]:
         yield service
 
 
+@contextmanager
+def _ray_head(s3_server: S3Server, log_dir: Path, num_cpus: int) -> Iterator[stack.Service]:
+    # Own short temp dir: Ray's socket paths must stay under 108 characters, and
+    # /tmp/ray/ray_current_cluster is left alone.
+    temp_dir = tempfile.mkdtemp(prefix="dino-ray-")
+    try:
+        service = stack.start_ray_head(log_dir, temp_dir=temp_dir, env=s3_server.service.env,
+                                       num_cpus=num_cpus)
+        auth = {k: v for k, v in service.env.items() if k.startswith("RAY_AUTH")}
+        with _running(service), _environ(auth):
+            yield service
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def ray_head(s3_server, tmp_path_factory) -> Iterator[stack.Service]:
     """A ``ray start --head`` cluster with token auth; ``.address``, ``.dashboard_url``.
@@ -120,18 +176,20 @@ def ray_head(s3_server, tmp_path_factory) -> Iterator[stack.Service]:
     the session (for subprocesses); RAY_ADDRESS is not, so a test's own ``ray.init()`` still
     starts its own cluster. In-process job clients use ``stack.auth_headers(ray_head)``.
     """
-    # Own short temp dir: Ray's socket paths must stay under 108 characters, and
-    # /tmp/ray/ray_current_cluster is left alone.
-    temp_dir = tempfile.mkdtemp(prefix="dino-ray-")
-    try:
-        service = stack.start_ray_head(
-            tmp_path_factory.mktemp("ray"), temp_dir=temp_dir, env=s3_server.service.env
-        )
-        auth = {k: v for k, v in service.env.items() if k.startswith("RAY_AUTH")}
-        with _running(service), _environ(auth):
-            yield service
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with _ray_head(s3_server, tmp_path_factory.mktemp("ray"), num_cpus=2) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def module_ray(s3_server, tmp_path_factory) -> Iterator[stack.Service]:
+    """A cluster like ``ray_head`` that the ``dino train`` runs of one module share
+    (``ray.address=``): each run then saves the start of a local Ray. Module-scoped: while
+    two clusters run on one machine, Ray's State API in a worker cannot tell which is its own
+    (a PlacementGroupCleaner traceback: "Found multiple active Ray instances"), so it must not
+    outlive the module into tests that start their own Ray and read their output. 4 logical
+    CPUs on 2 cores, so that small runs can share it."""
+    with _ray_head(s3_server, tmp_path_factory.mktemp("module-ray"), num_cpus=4) as service:
+        yield service
 
 
 @pytest.fixture(scope="session")

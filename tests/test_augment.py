@@ -89,6 +89,7 @@ def test_seeded_torch_makes_views_reproducible():
     first = aug(image)
     torch.manual_seed(7)
     second = aug(image)
+    assert len(first) == len(second) > 0
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 

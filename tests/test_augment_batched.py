@@ -83,6 +83,7 @@ def test_views_count_order_shapes_dtype_device():
 def test_seeded_generator_reproduces_and_seeds_differ():
     images = _colour_image()
     first, again, other = _run(images, 3), _run(images, 3), _run(images, 4)
+    assert len(first) == len(again) > 0
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not any(torch.equal(a, b) for a, b in zip(first, other))
 
@@ -253,7 +254,9 @@ def test_flip_rate_is_half():
     def flipped(v):
         return v[..., :8].mean(dim=(1, 2, 3)) > v[..., 8:].mean(dim=(1, 2, 3))
 
-    assert all(abs(rate - 0.5) < 0.08 for rate in _rates(flipped, views))
+    rates = _rates(flipped, views)
+    assert len(rates) == len(views) > 0
+    assert all(abs(rate - 0.5) < 0.08 for rate in rates)
 
 
 def test_grayscale_jitter_and_solarize_rates():
@@ -264,7 +267,9 @@ def test_grayscale_jitter_and_solarize_rates():
     def grey(v):
         return (v.amax(dim=1) - v.amin(dim=1)).amax(dim=(1, 2)) < 1e-4
 
-    assert all(abs(rate - 0.2) < 0.06 for rate in _rates(grey, views))
+    rates = _rates(grey, views)
+    assert len(rates) == len(views) > 0
+    assert all(abs(rate - 0.2) < 0.06 for rate in rates)
     # A flat light grey (230): crops, contrast, saturation, hue, grayscale and blur leave
     # it alone; brightness moves it (p=0.8) but keeps it >= 0.54, and only solarization
     # takes it below 0.5.
@@ -300,6 +305,7 @@ def test_blur_always_on_global1_rarely_on_global2_half_on_locals(monkeypatch):
     visible = (2.0 - 0.23) / (2.0 - 0.1)
     assert changed[0] > visible - 0.05
     assert abs(changed[1] - 0.1 * visible) < 0.04
+    assert len(changed) > 2
     assert all(abs(rate - 0.5 * visible) < 0.07 for rate in changed[2:])
     # and a blur only ever removes high-frequency energy (global1: no solarization after it)
     energy_ratio = _high_frequency_energy(blurred[0]) / _high_frequency_energy(sharp[0])

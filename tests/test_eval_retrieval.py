@@ -287,6 +287,7 @@ def test_render_draws_the_instance_colour_and_pattern():
 
 def test_procedural_copydays_is_deterministic_and_reads_back(tmp_path):
     a, b = ProceduralCopydays(3, 2, 2, image_size=32), ProceduralCopydays(3, 2, 2, image_size=32)
+    assert a.n_queries > 0
     assert all(_same(a.query(q)[0], b.query(q)[0]) for q in range(a.n_queries))
     assert [a.query(q)[1] for q in range(a.n_queries)] == [0, 0, 1, 1, 2, 2]
     root = a.write(tmp_path / "cd")

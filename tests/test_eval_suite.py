@@ -440,7 +440,7 @@ def test_weights_choice_teacher_student_random(checkpoint):
     student, _ = load_backbone(checkpoint, "student")
     t, a, b = (m.state_dict() for m in (teacher, random_a, random_b))
     assert t.keys() == a.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)  # seeded by the run's train.seed
+    assert a and all(torch.equal(a[k], b[k]) for k in a)  # seeded by the run's train.seed
     assert not torch.equal(t["pos_embed"], a["pos_embed"])  # not the checkpoint's weights
     assert torch.equal(student.state_dict()["pos_embed"], t["pos_embed"])  # as saved
     with pytest.raises(ValueError, match="weights must be one of teacher, student, random"):

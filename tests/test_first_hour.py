@@ -25,19 +25,28 @@ SMALL = ["model.depth=1", "data.procedural_size=64", "data.num_workers=0",
          "tracking.enabled=false"]  # fmt: skip
 
 
-def dino(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None,
-         timeout: int = 300) -> tuple[int, str, str, set[str]]:
-    """``(rc, stdout, stderr without the import log, modules imported)`` of ``dino ARGS``."""
-    out = subprocess.run(
+def _start(args: tuple[str, ...], env: dict[str, str | None] | None = None,
+           cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
         [sys.executable, "-X", "importtime", "-m", "service.cli", *args], cwd=cwd or REPO,
-        capture_output=True, text=True, timeout=timeout,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={k: v for k, v in {**os.environ, "RAY_ADDRESS": "", **(env or {})}.items()
              if v is not None},  # None: unset
     )  # fmt: skip
-    imported = {ln.rsplit("|", 1)[-1].strip() for ln in out.stderr.splitlines()
+
+
+def _result(proc: subprocess.Popen, timeout: int = 300) -> tuple[int, str, str, set[str]]:
+    out, err = proc.communicate(timeout=timeout)
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in err.splitlines()
                 if ln.startswith("import time:")}
-    err = "\n".join(ln for ln in out.stderr.splitlines() if not ln.startswith("import time:"))
-    return out.returncode, out.stdout, err, imported
+    err = "\n".join(ln for ln in err.splitlines() if not ln.startswith("import time:"))
+    return proc.returncode, out, err, imported
+
+
+def dino(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None,
+         timeout: int = 300) -> tuple[int, str, str, set[str]]:
+    """``(rc, stdout, stderr without the import log, modules imported)`` of ``dino ARGS``."""
+    return _result(_start(args, env, cwd), timeout)
 
 
 def one_line(rc: int, err: str, imported: set[str], code: int, *words: str) -> str:
@@ -47,6 +56,33 @@ def one_line(rc: int, err: str, imported: set[str], code: int, *words: str) -> s
     assert all(w in lines[0] for w in words), lines[0]
     assert not {m for m in imported if m == "ray" or m.startswith("ray.")}, "Ray was imported"
     return lines[0]
+
+
+@pytest.fixture
+def here(capsys, monkeypatch):
+    """``dino ARGS`` in this process, through the command line's entry point: ``(rc, stdout,
+    stderr)``. Ray must not start: the driver's ``init_ray`` fails the test if reached (the
+    subprocess tests above check the stronger claim, that Ray is not even imported, for one
+    case of each kind)."""
+    from service.cli.main import main
+    from service.train import driver
+
+    started: list[str] = []
+
+    def refuse(*args, **kwargs):
+        started.append("init_ray")
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(driver, "init_ray", refuse)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        assert not started, "Ray was started"
+        return rc, out, err
+
+    return run
 
 
 def _images(folder: Path, n: int = 4, classes: tuple[str, ...] = ("a",)) -> Path:
@@ -82,14 +118,14 @@ def test_a_folder_of_unreadable_files_fails_before_ray(tmp_path):
              "data.max_unreadable_fraction=0.5")
 
 
-def test_five_corrupt_files_are_called_unreadable_not_too_few(tmp_path):
+def test_five_corrupt_files_are_called_unreadable_not_too_few(tmp_path, here):
     folder = tmp_path / "five"
     folder.mkdir()
     for i in range(5):
         (folder / f"{i}.jpg").write_bytes(b"not a jpeg")
-    rc, _, err, imported = dino("train", "--preset", "quickstart", *T, f"data.path={folder}",
-                                f"storage.root={tmp_path / 'runs'}")
-    line = one_line(rc, err, imported, 1, "5 of 5 sampled image files could not be read")
+    rc, _, err = here("train", "--preset", "quickstart", *T, f"data.path={folder}",
+                      f"storage.root={tmp_path / 'runs'}")
+    line = one_line(rc, err, set(), 1, "5 of 5 sampled image files could not be read")
     assert "fewer than one global batch" not in line
 
 
@@ -115,30 +151,28 @@ def test_the_loop_stops_when_most_images_turn_out_unreadable(tmp_path, one_torch
 
 
 @pytest.mark.parametrize("what", ["missing", "empty"])
-def test_a_missing_or_empty_data_path_fails_before_ray(tmp_path, what):
+def test_a_missing_or_empty_data_path_fails_before_ray(tmp_path, what, here):
     folder = tmp_path / "imgs"
     if what == "empty":
         folder.mkdir()
-    rc, _, err, imported = dino("train", "--preset", "quickstart", *T, f"data.path={folder}",
-                                f"storage.root={tmp_path / 'runs'}")
-    one_line(rc, err, imported, 1, f"data.path={folder}")
+    rc, _, err = here("train", "--preset", "quickstart", *T, f"data.path={folder}",
+                      f"storage.root={tmp_path / 'runs'}")
+    one_line(rc, err, set(), 1, f"data.path={folder}")
 
 
-def test_resume_of_nothing_or_of_a_file_fails_before_ray(tmp_path):
+def test_resume_of_nothing_or_of_a_file_fails_before_ray(tmp_path, here):
     (tmp_path / "notes.txt").write_text("hello")
     for target, words in ((tmp_path / "nothing", "no such checkpoint or run folder"),
                           (tmp_path / "notes.txt", "is a file, not a checkpoint")):
-        rc, _, err, imported = dino("train", "--preset", "quickstart", *T, "--resume",
-                                    str(target), f"storage.root={tmp_path / 'runs'}",
-                                    "run_name=fresh")
-        one_line(rc, err, imported, 1, "train.resume", str(target), words)
+        rc, _, err = here("train", "--preset", "quickstart", *T, "--resume", str(target),
+                          f"storage.root={tmp_path / 'runs'}", "run_name=fresh")
+        one_line(rc, err, set(), 1, "train.resume", str(target), words)
 
 
-def test_a_reused_run_name_with_another_model_fails_before_ray(quick_run):
-    rc, _, err, imported = dino("train", "--preset", "quickstart", *T, "model.depth=2",
-                                f"storage.root={quick_run}", "run_name=quick")
-    one_line(rc, err, imported, 2, "run 'quick'", "model.depth: 1 there, 2 here",
-             "run_name=")
+def test_a_reused_run_name_with_another_model_fails_before_ray(quick_run, here):
+    rc, _, err = here("train", "--preset", "quickstart", *T, "model.depth=2",
+                      f"storage.root={quick_run}", "run_name=quick")
+    one_line(rc, err, set(), 2, "run 'quick'", "model.depth: 1 there, 2 here", "run_name=")
 
 
 def test_storage_without_credentials_fails_naming_the_url(tmp_path):
@@ -195,52 +229,51 @@ def test_knn_matches_class_folders_by_name_and_refuses_disjoint_ones(quick_run, 
     assert "share no class" in capsys.readouterr().err
 
 
-def test_knn_bad_arguments_are_one_line(quick_run, tmp_path):
+def test_knn_bad_arguments_are_one_line(quick_run, tmp_path, here, capsys):
     run = str(quick_run / "quick")
-    base = ["eval", "knn", "--checkpoint", run, "--num-workers", "0"]
-    rc, _, err, _ = dino(*base, "--train", "procedural", "--val", "procedural", "--k", "0")
-    assert rc == 2 and "--k: must be at least 1, got 0" in err
-    rc, _, err, _ = dino(*base, "--train", "procedural", "--val", "procedural",
-                         "--image-size", "0")
-    assert rc == 2 and "--image-size: must be at least 1" in err
-    rc, _, err, imported = dino(*base, "--train", "procedural", "--val", "procedural",
-                                "--image-size", "4")
-    one_line(rc, err, imported, 1, "--image-size 4 is smaller than one patch")
+    base = ("eval", "knn", "--checkpoint", run, "--num-workers", "0")
+    procedural = ("--train", "procedural", "--val", "procedural")
     flat = tmp_path / "flat"
     flat.mkdir()
     Image.new("RGB", (16, 16)).save(flat / "x.png")
-    rc, _, err, imported = dino(*base, "--train", str(flat), "--val", "procedural")
-    one_line(rc, err, imported, 1, "one sub-folder per class")
+    with pytest.raises(SystemExit) as exited:  # argparse's own exit, in process
+        here(*base, *procedural, "--k", "0")
+    assert exited.value.code == 2 and "--k: must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        here(*base, *procedural, "--image-size", "0")
+    assert exited.value.code == 2
+    assert "--image-size: must be at least 1" in capsys.readouterr().err
+    rc, _, err = here(*base, *procedural, "--image-size", "4")
+    one_line(rc, err, set(), 1, "--image-size 4 is smaller than one patch")
+    rc, _, err = here(*base, "--train", str(flat), "--val", "procedural")
+    one_line(rc, err, set(), 1, "one sub-folder per class")
 
 
 # ---------------------------------------------------------------------------- one line, not a traceback
 
 
-def test_tracebacks_become_one_line(quick_run, tmp_path):
+def test_tracebacks_become_one_line(quick_run, tmp_path, here):
     run = str(quick_run / "quick")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("train:\n  epochs: [1, 2\n")
-    rc, _, err, imported = dino("train", "--config", str(bad_yaml))
+    rc, _, err, imported = dino("train", "--config", str(bad_yaml))  # its own process
     one_line(rc, err, imported, 2, str(bad_yaml), "line", "not valid YAML")
 
     text = tmp_path / "photo.jpg"
     text.write_text("not an image")
-    rc, _, err, imported = dino("attention", "--checkpoint", run, "--image", str(text),
-                                "--out", str(tmp_path / "attn"))
-    one_line(rc, err, imported, 1, str(text), "is not a readable image")
-
-    rc, _, err, imported = dino("export", "--checkpoint", run, "--out",
-                                str(tmp_path / "no" / "b.safetensors"))
-    one_line(rc, err, imported, 1, str(tmp_path / "no"), "does not exist")
-    rc, _, err, imported = dino("export", "--checkpoint", run, "--out", str(tmp_path))
-    one_line(rc, err, imported, 1, "is a directory")
-
-    rc, _, err, imported = dino("eval", "linear", "--checkpoint", run, "--train", "procedural",
-                                "--val", "procedural", "--n-last-blocks", "9")
-    one_line(rc, err, imported, 1, "--n-last-blocks 9: the backbone has 1 blocks")
-
-    rc, _, err, imported = dino("data", "--out", str(text))
-    one_line(rc, err, imported, 2, str(text), "is a file")
+    rc, _, err = here("attention", "--checkpoint", run, "--image", str(text), "--out",
+                      str(tmp_path / "attn"))
+    one_line(rc, err, set(), 1, str(text), "is not a readable image")
+    rc, _, err = here("export", "--checkpoint", run, "--out",
+                      str(tmp_path / "no" / "b.safetensors"))
+    one_line(rc, err, set(), 1, str(tmp_path / "no"), "does not exist")
+    rc, _, err = here("export", "--checkpoint", run, "--out", str(tmp_path))
+    one_line(rc, err, set(), 1, "is a directory")
+    rc, _, err = here("eval", "linear", "--checkpoint", run, "--train", "procedural", "--val",
+                      "procedural", "--n-last-blocks", "9")
+    one_line(rc, err, set(), 1, "--n-last-blocks 9: the backbone has 1 blocks")
+    rc, _, err = here("data", "--out", str(text))
+    one_line(rc, err, set(), 2, str(text), "is a file")
 
 
 # ---------------------------------------------------------------------------- confusing

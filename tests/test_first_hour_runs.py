@@ -26,6 +26,7 @@ def _env(ray_tmp: Path) -> dict[str, str]:
     return {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_tmp), "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.budget(60)
 def test_an_unreachable_mlflow_does_not_hold_training_and_json_is_stdout_alone(tmp_path,
                                                                                ray_tmp):
     """Item 1: a port nothing listens on. Training starts at once (the tracker buffers as in

@@ -1,5 +1,7 @@
-"""Faults injected into real training runs: a NaN loss, a killed Ray Train worker, a killed
-driver. Each run is a real ``dino train`` on a local Ray instance of its own."""
+"""Faults injected into real training runs: a NaN loss, a killed Ray Train worker. The Ray
+runs are a real ``dino train`` on a local Ray instance of its own (the fact under test is
+Ray's: its worker processes and FailureConfig); the loop's own NaN policies run in process.
+A killed driver re-run with the same command is in test_shards_runs (killed mid-epoch)."""
 
 from __future__ import annotations
 
@@ -16,9 +18,14 @@ import pytest
 import torch
 from test_service_train import TINY
 
+from dino_core import NonFiniteLossError
+from service.config import load_config
 from service.storage import checkpoints as ckpt
+from service.tracking import NullTracker
+from service.train.context import InProcessContext
+from service.train.loop import Loop
+from service.train.policies import FaultInjector
 
-pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[1]
 QUIET = [*TINY, "tracking.enabled=false", "data.num_workers=0"]
 
@@ -49,16 +56,17 @@ def all_finite(state: dict) -> bool:
 # ---------------------------------------------------------------------------- NaN / inf
 
 
-@pytest.mark.parametrize("defer", ["off", "on"])
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
-    tmp_path, ray_tmp, defer
+@pytest.mark.integration
+@pytest.mark.budget(75)
+def test_nan_loss_under_ray_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path, ray_tmp
 ):
-    """NaN crops at global step 11 (epoch 2 of 8-step epochs): the run stops naming step 11
-    and the epoch-1 checkpoint (step 8) is the latest, complete and finite. ``defer=on`` is
-    the GPU default (no host sync per step; the bad step is a no-op on the device)."""
+    """NaN crops at global step 11 (epoch 2 of 8-step epochs) in a Ray Train worker: the run
+    stops naming step 11 and the epoch-1 checkpoint (step 8) is the latest, complete and
+    finite. (The deferred check and skip-and-count are the loop's own policy: in process,
+    below.)"""
     out = subprocess.run(
-        train_cmd(f"storage.root={tmp_path}", "run_name=nan", "train.epochs=3",
-                  f"train.defer_nonfinite_check={defer}"),
+        train_cmd(f"storage.root={tmp_path}", "run_name=nan", "train.epochs=3"),
         cwd=REPO, env=env_for(ray_tmp, DINO_FAULT_NONFINITE_STEPS="11"),
         capture_output=True, text=True, timeout=400)  # fmt: skip
     text = out.stdout + out.stderr
@@ -73,16 +81,38 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert all_finite(state)
 
 
-def test_isolated_nan_steps_are_skipped_and_counted(tmp_path, ray_tmp):
-    out = subprocess.run(
-        train_cmd(f"storage.root={tmp_path}", "run_name=skip", "train.epochs=2",
-                  "train.on_nonfinite=skip", "train.max_skipped_steps=3",
-                  "train.defer_nonfinite_check=on"),
-        cwd=REPO, env=env_for(ray_tmp, DINO_FAULT_NONFINITE_STEPS="3,11"),
-        capture_output=True, text=True, timeout=400)  # fmt: skip
-    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
-    assert "non-finite loss at step 3: step skipped (1 so far" in out.stdout
-    assert "non-finite loss at step 11: step skipped (2 so far" in out.stdout
+def _in_process(root: Path, name: str, nan_steps: set[int], *overrides: str) -> Loop:
+    cfg = load_config(None, None, [*TINY, "tracking.enabled=false", f"storage.root={root}",
+                                   f"run_name={name}", *overrides])
+    run_url = str(root / name)
+    loop = Loop(cfg, InProcessContext(run_url, cfg.train.keep_last), run_url, NullTracker(),
+                faults=FaultInjector(nan_steps))
+    loop.run()
+    return loop
+
+
+def test_deferred_nan_check_stops_at_the_bad_step_with_the_state_untouched(
+    tmp_path, one_torch_thread
+):
+    """``train.defer_nonfinite_check=on`` (the GPU default: no host sync per step, the bad
+    step a no-op on the device, the count read at log steps): the stop still names step 11
+    and the epoch-1 checkpoint (step 8) stays the latest, finite."""
+    with pytest.raises(NonFiniteLossError, match="global step 11"):
+        _in_process(tmp_path, "nan", {11}, "train.epochs=3", "train.defer_nonfinite_check=on")
+    cks = checkpoints(tmp_path / "nan")
+    assert len(cks) == 1, cks
+    state = final_state(tmp_path / "nan")
+    assert (state["epoch"], state["global_step"]) == (1, 8)
+    assert all_finite(state)
+
+
+def test_isolated_nan_steps_are_skipped_and_counted(tmp_path, one_torch_thread, capfd):
+    loop = _in_process(tmp_path, "skip", {3, 11}, "train.epochs=2", "train.on_nonfinite=skip",
+                       "train.max_skipped_steps=3", "train.defer_nonfinite_check=on")
+    out = capfd.readouterr().out
+    assert "non-finite loss at step 3: step skipped (1 so far" in out
+    assert "non-finite loss at step 11: step skipped (2 so far" in out
+    assert loop.state.global_step == 16
     state = final_state(tmp_path / "skip")
     assert (state["global_step"], state["skipped_steps"]) == (16, 2)
     assert all_finite(state)
@@ -124,18 +154,22 @@ def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+@pytest.mark.integration
+@pytest.mark.budget(120)
 def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
     tmp_path, ray_tmp
 ):
-    """SIGKILL to the Ray Train worker process after the first checkpoint: Ray's
-    FailureConfig restarts the worker group, which restores the checkpoint and finishes;
-    the step counter continues and every checkpoint in storage is complete."""
-    proc = _start(train_cmd(f"storage.root={tmp_path}", "run_name=wk", "train.epochs=12",
+    """SIGKILL to the Ray Train worker process after the first checkpoint (step 8) and two
+    more steps: Ray's FailureConfig restarts the worker group, which restores the checkpoint
+    and finishes; the step counter continues, steps 9 and 10 are trained again with the same
+    losses (same state, same RNG), and every checkpoint in storage is complete."""
+    proc = _start(train_cmd(f"storage.root={tmp_path}", "run_name=wk", "train.epochs=4",
                             "ray.max_failures=1"), env_for(ray_tmp))
     lines: list[str] = []
     try:
         pid = int(_read_until(proc, r"worker rank 0/1 pid (\d+)", lines, 240).group(1))
         _read_until(proc, r"checkpoint saved at epoch 1 step 8", lines, 240)
+        _read_until(proc, r"step 10/32 ", lines, 240)
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
         m = _read_until(proc, r"resumed from (\S+) at epoch (\d+) step (\d+)", lines, 240)
@@ -154,36 +188,18 @@ def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
     # the killed worker's losses exactly (same state, same RNG). Ray's log forwarding
     # now and then drops the first lines a restarted worker prints (seen: 1-2 lines).
     cut = text.index("resumed from")
-    progress = r"step (\d+)/96 loss (\S+)"
+    progress = r"step (\d+)/32 loss (\S+)"
     before = {int(s): loss for s, loss in re.findall(progress, text[:cut])}
     after = [(int(s), loss) for s, loss in re.findall(progress, text[cut:])]
     assert after and step < after[0][0] <= step + 2, text[cut:cut + 2000]
-    assert [s for s, _ in after] == list(range(after[0][0], 97))
+    assert [s for s, _ in after] == list(range(after[0][0], 33))
     repeated = [(s, loss) for s, loss in after if s in before and s > step]
+    # steps 9 and 10 (at least) were printed before the kill, and are trained again: one of
+    # them at least is printed again (Ray's log forwarding may drop a restarted worker's
+    # first line), so the comparison below is never over nothing
+    assert repeated, (after[:5], before)
     assert all(before[s] == loss for s, loss in repeated), (repeated, before)
     for c in checkpoints(tmp_path / "wk"):
         ckpt.verify(str(c))
-    assert final_state(tmp_path / "wk")["global_step"] == 96
+    assert final_state(tmp_path / "wk")["global_step"] == 32
     print(f"worker {pid} killed; restored at step {step} in {recovered_s:.1f} s")
-
-
-def test_killed_driver_then_the_same_command_resumes(tmp_path, ray_tmp):
-    """The whole job preempted: driver, local Ray and workers killed together (SIGKILL to
-    the process group) after the first checkpoint; re-running the command resumes."""
-    cmd = train_cmd(f"storage.root={tmp_path}", "run_name=pre", "train.epochs=6")
-    proc = _start(cmd, env_for(ray_tmp))
-    lines: list[str] = []
-    try:
-        _read_until(proc, r"checkpoint saved at epoch 1 step 8", lines, 240)
-    finally:
-        kill_group(proc)
-    saved = [c for c in checkpoints(tmp_path / "pre") if (c / ckpt.MANIFEST).exists()]
-    assert saved, "the first checkpoint should be in storage before the kill"
-
-    again = subprocess.run(cmd, cwd=REPO, env=env_for(ray_tmp), capture_output=True,
-                           text=True, timeout=400)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    m = re.search(r"resumed from (\S+) at epoch (\d+) step (\d+)", again.stdout)
-    assert m, again.stdout[-2000:]
-    assert int(m.group(3)) >= 8 and "step 48/48" in again.stdout
-    assert final_state(tmp_path / "pre")["global_step"] == 48

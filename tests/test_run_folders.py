@@ -45,7 +45,8 @@ def test_resolve_takes_the_newest_complete_checkpoint_of_a_run_folder(run_folder
     assert ckpt.resolve(str(run_folder)) == newest
     assert ckpt.resolve(str(run_folder) + "/") == newest
     assert ckpt.resolve(newest) == newest  # a checkpoint is itself
-    assert all(not d.endswith(".json") for d in ckpt.checkpoint_dirs(str(run_folder)))
+    dirs = ckpt.checkpoint_dirs(str(run_folder))
+    assert dirs and all(not d.endswith(".json") for d in dirs)
 
 
 def test_ray_snapshot_file_and_other_non_checkpoints_are_refused_by_name(run_folder, tmp_path):

@@ -1,12 +1,18 @@
 """Training through the service with real services: Ray Train workers, moto's S3 server,
-an MLflow server; resume from the bucket; resumed loss curve == uninterrupted one."""
+an MLflow server; resume from the bucket; planted secrets leak nowhere. (A resumed run's
+losses equal an uninterrupted one's under Ray in test_shards_runs, killed mid-epoch, and in
+test_reliability_faults, killed worker; in process in test_train_loop.)"""
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,10 +31,14 @@ TINY = [
 ]
 
 
-def dino(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def dino(*args: str, env: dict | None = None, timeout: int = 600,
+         drop: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``dino ARGS`` in a process of its own (its own local Ray unless ``ray.address=``);
+    ``drop``: variables of this process's environment it does not get."""
+    environ = {k: v for k, v in os.environ.items() if k not in drop}
     out = subprocess.run(
         [sys.executable, "-m", "service.cli", *args], capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, "RAY_ADDRESS": "", **(env or {})},
+        timeout=timeout, env={**environ, "RAY_ADDRESS": "", **(env or {})},
     )
     assert out.returncode == 0, f"dino {' '.join(args)} failed:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
     return out
@@ -51,16 +61,60 @@ def run_of(tracking_uri: str, run_name: str):
     return client, runs[0]
 
 
-def test_two_workers_s3_mlflow_then_resume_from_bucket(s3_server, mlflow_server):
+def _planted_secrets() -> tuple[dict[str, str], list[str]]:
+    """Secret-looking environment values, and every form in which they could leak (as they
+    are, and as they would travel in headers: Bearer as is, Basic base64-encoded)."""
+    planted = {
+        "AWS_SECRET_ACCESS_KEY": f"aws-{secrets.token_hex(12)}",  # moto accepts any secret
+        "MLFLOW_TRACKING_TOKEN": f"mlt-{secrets.token_hex(12)}",
+        "MLFLOW_TRACKING_USERNAME": "dino-user",
+        "MLFLOW_TRACKING_PASSWORD": f"mlp-{secrets.token_hex(12)}",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),  # the local cluster's token
+    }
+    values = [v for k, v in planted.items() if k.endswith(("KEY", "TOKEN", "PASSWORD"))]
+    basic = f"{planted['MLFLOW_TRACKING_USERNAME']}:{planted['MLFLOW_TRACKING_PASSWORD']}"
+    needles = [*values, base64.b64encode(basic.encode()).decode()]
+    needles += [base64.b64encode(v.encode()).decode() for v in values]
+    return planted, needles
+
+
+def _files(directory: Path) -> Iterator[Path]:
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            yield path
+
+
+@pytest.mark.budget(150)
+def test_two_workers_s3_mlflow_then_resume_from_bucket_and_no_secret_leaks(
+    s3_server, mlflow_server, tmp_path, ray_tmp
+):
+    """Two Ray Train workers, checkpoints in moto's S3, metrics on an MLflow server; the same
+    run name resumes from the bucket. Both runs get planted secrets in their environment, and
+    none appears in their output (the second with ``-v``: Ray's own lines too), their Ray
+    session files, the stored objects, MLflow's params, tags and artifacts, or the servers'
+    logs. The first run's output is quiet: only our lines."""
     import s3fs
+
+    planted, needles = _planted_secrets()
+
+    def leaks(blob: str | bytes) -> list[str]:
+        text = blob.decode("latin-1") if isinstance(blob, bytes) else blob
+        return [n for n in needles if n in text]
 
     bucket = s3_server.new_bucket("ckpt")
     root = f"s3://{bucket}/runs"
+    env = {**planted, "RAY_TMPDIR": str(ray_tmp)}
     common = [*TINY, "run_name=s3run", f"storage.root={root}",
               f"tracking.uri={mlflow_server.tracking_uri}", "ray.num_workers=2",
               "ray.cpus_per_worker=0.5", "eval.knn_every_epochs=1"]
-    first = dino("train", *common, "train.epochs=2")
+    first = dino("train", *common, "train.epochs=2", env=env, drop=("RAY_AUTH_TOKEN_PATH",))
     assert "k-NN top-1" in first.stdout
+    # quiet by default, but for two kinds of line that an MLflow server and S3 add, still
+    # open in the hardening issue (27): MLflow's run links and botocore's endpoint notice
+    known = re.compile(r"View (run|experiment) .* at: http|Found endpoint for s3 via")
+    noise = [ln for ln in ray_lines(first) if not known.search(ln)]
+    assert len(noise) <= 3, noise
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
     listing = fs.ls(f"{bucket}/runs/s3run", detail=True)
@@ -82,37 +136,48 @@ def test_two_workers_s3_mlflow_then_resume_from_bucket(s3_server, mlflow_server)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "teacher_backbone.safetensors" in artifacts
 
-    # same run name, one more epoch: continues from the bucket at step 16
-    second = dino("train", *common, "train.epochs=3")
+    # same run name, one more epoch: continues from the bucket at step 16; -v shows Ray's lines
+    second = dino("-v", "train", *common, "train.epochs=3", env=env,
+                  drop=("RAY_AUTH_TOKEN_PATH",))
+    both = first.stdout + first.stderr + second.stdout + second.stderr
     assert re.search(rf"resumed from s3://{bucket}/runs/s3run/checkpoint_\S+ at epoch 2 step 16",
-                     first.stdout + second.stdout), second.stdout[-3000:]
+                     both), second.stdout[-3000:]
+    assert "Reporting training result" in second.stdout + second.stderr  # -v: Ray's own lines
     loss = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in loss] == list(range(1, 25))  # no step repeated, none lost
 
-
-def _loss_curve(tracking_uri: str, run_name: str) -> dict[int, float]:
-    client, run = run_of(tracking_uri, run_name)
-    return {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
-
-
-def test_resumed_loss_curve_matches_uninterrupted(tmp_path):
-    root = tmp_path / "runs"
-    common = [*TINY, f"storage.root={root}", "train.epochs=3", "ray.num_workers=1"]
-    straight = dino("train", *common, "run_name=straight")
-    assert len(ray_lines(straight)) <= 3, ray_lines(straight)  # quiet by default
-    interrupted = dino("train", *common, "run_name=split", "train.max_steps=16")
-    assert "[dino] resumed" not in interrupted.stdout
-    resumed = dino("-v", "train", *common, "run_name=split")
-    assert "at epoch 2 step 16" in resumed.stdout + resumed.stderr
-    assert "Reporting training result" in resumed.stdout + resumed.stderr  # -v: Ray's own lines
-
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    a, b = _loss_curve(uri, "straight"), _loss_curve(uri, "split")
-    assert sorted(a) == sorted(b) == list(range(1, 25))
-    for step in range(1, 25):
-        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5), step
-    # and it is really training: later losses differ from the first ones
-    assert a[24] != pytest.approx(a[1], rel=1e-3)
+    # ------------------------------------------------ the planted secrets, searched for
+    found: dict[str, list[str]] = {"stdout/stderr": leaks(both)}
+    sessions = list(ray_tmp.glob("ray/session_2*"))
+    assert len(sessions) == 2, sessions  # each run's own local Ray, in our temp dir
+    ray_files = list(_files(ray_tmp))
+    assert any(p.suffix in (".log", ".out", ".err") for p in ray_files)
+    for path in ray_files:
+        if hit := leaks(path.read_bytes()):
+            found[str(path.relative_to(ray_tmp))] = hit
+    stored = fs.find(f"{bucket}/runs/s3run")
+    assert any(p.endswith("config.yaml") for p in stored) and any("manifest" in p for p in stored)
+    config = fs.cat_file(next(p for p in stored if p.endswith("config.yaml"))).decode()
+    assert f"root: s3://{bucket}/runs" in config  # the search reads what it should
+    for key in stored:
+        if hit := leaks(fs.cat_file(key)):
+            found[f"s3://{key}"] = hit
+    _, run = run_of(mlflow_server.tracking_uri, "s3run")
+    assert run.data.params["storage.root"] == root
+    found["mlflow params"] = leaks(repr(run.data.params))
+    found["mlflow tags"] = leaks(repr(run.data.tags))
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    downloaded = list(_files(local))
+    assert downloaded  # at least the exported backbone
+    for path in downloaded:
+        if hit := leaks(path.read_bytes()):
+            found[f"mlflow artifact {path.name}"] = hit
+    for service in (mlflow_server, s3_server.service):  # the servers' own logs
+        found[f"{service.name} server log"] = leaks(Path(service.log_file).read_bytes())
+    found = {where: hit for where, hit in found.items() if hit}
+    print(f"searched stdout/stderr, {len(ray_files)} Ray session files, {len(stored)} stored "
+          f"objects, MLflow params/tags, {len(downloaded)} artifacts, 2 server logs")
+    assert not found, f"planted secrets leaked: {found}"
 
 
 def _center_loop(config: dict) -> None:

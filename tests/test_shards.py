@@ -140,6 +140,7 @@ def test_decoded_items_have_labels_and_seeded_transforms(packed):
     ds.configure(epoch=0, rank=0, world=1, batch=4, streams=1)
     a = [item for item in ds]
     b = [item for item in ds]
+    assert len(a) == len(b) > 0
     assert all(torch.equal(x[0], y[0]) and x[1] == y[1] for x, y in zip(a, b))
     assert {y for _, y in a} == {0, 1}
 
@@ -192,7 +193,7 @@ def test_evaluation_splits_read_packed_data_whole(packed):
     batches = list(eval_loader(split, 16, 2))  # shards dealt to two loader processes
     labels = torch.cat([y for _, y, _ in batches])
     assert len(labels) == 60 and sorted(set(labels.tolist())) == [0, 1]
-    assert all(x.shape[1:] == (3, 16, 16) for x, _, _ in batches)
+    assert batches and all(x.shape[1:] == (3, 16, 16) for x, _, _ in batches)
 
 
 @pytest.mark.parametrize("size", [0, 1, 2, 7, 64])

@@ -27,15 +27,15 @@ RUN = [*TINY, "data.num_workers=1", "train.batch_size=16", "eval.knn_every_epoch
 
 
 @pytest.fixture(scope="module")
-def packed(s3_server, tmp_path_factory) -> str:
+def packed(s3_server, module_ray, tmp_path_factory) -> str:
+    """Packed by Ray tasks of the module's shared cluster (a cluster, as on a real one)."""
     src = tmp_path_factory.mktemp("src") / "imgs"
     write_image_folder(src, IMAGES, 24, 3, 0, masks=False)
     (src / "00_circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (src / "01_square" / "notes.jpg").write_text("<html>404</html>")
     url = f"s3://{s3_server.new_bucket('shards')}/packed"
-    with private_ray_tmpdir() as ray_dir:
-        out = dino("data", "pack", str(src), url, "--shard-mb", "0.01", "--num-cpus", "2",
-                   env={"RAY_TMPDIR": str(ray_dir)})
+    out = dino("data", "pack", str(src), url, "--shard-mb", "0.01", "--address",
+               module_ray.address)
     assert f"packed {IMAGES} images into" in out.stdout, out.stdout
     assert "2 unreadable files skipped" in out.stdout
     return url
@@ -56,9 +56,10 @@ def _keys(trace: Path, epoch: int) -> list[str]:
             for k in f.read_text().split()]
 
 
-def test_two_workers_each_read_their_shards_once_per_epoch(packed, tmp_path):
+def test_two_workers_each_read_their_shards_once_per_epoch(packed, module_ray, tmp_path):
     trace = tmp_path / "trace"
     out = dino("train", *RUN, f"data.path={packed}", f"storage.root={tmp_path}",
+               f"ray.address={module_ray.address}",
                "run_name=cover", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
                "train.epochs=2", f"data.trace_dir={trace}", "tracking.enabled=false")
     assert "step 12/12" in out.stdout
@@ -82,10 +83,13 @@ def _losses(db: Path, run_name: str) -> dict[int, float]:
     return dict(rows)
 
 
-def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(packed, tmp_path):
+def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(packed, module_ray, tmp_path):
+    """The whole job preempted mid-epoch: driver, its own local Ray and the worker killed
+    together (SIGKILL to the process group); the same command resumes, and its losses are
+    those of a run never killed (trained on the module's shared cluster)."""
     common = [*RUN, f"data.path={packed}", f"storage.root={tmp_path}", "train.epochs=2",
               "train.checkpoint_every_steps=3", "ray.num_workers=1"]
-    dino("train", *common, "run_name=straight")
+    dino("train", *common, "run_name=straight", f"ray.address={module_ray.address}")
     with private_ray_tmpdir() as ray_dir:
         env = {**os.environ, "RAY_ADDRESS": "", "RAY_TMPDIR": str(ray_dir)}
         proc = _start(["python", "-m", "service.cli", "train", *common, "run_name=killed"], env)
@@ -103,8 +107,15 @@ def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(packed, tmp_path):
     assert killed == straight  # the same floats, step by step
 
 
-def test_a_damaged_shard_is_skipped_and_named(packed, tmp_path):
+def test_a_damaged_shard_is_skipped_and_named(packed, tmp_path, caplog, capfd):
+    """In process (the streaming reader's own handling; Ray only forwards the lines), from the
+    bucket: a shard cut to a third is named, its images counted as unreadable."""
     import fsspec
+
+    from service.config import load_config
+    from service.tracking import NullTracker
+    from service.train.context import InProcessContext
+    from service.train.loop import Loop
 
     fs, _ = fsspec.core.url_to_fs(packed)
     damaged = packed + "-damaged"
@@ -114,15 +125,20 @@ def test_a_damaged_shard_is_skipped_and_named(packed, tmp_path):
     victim = m.shards[2]
     data = fs.cat_file(f"{damaged}/{victim.name}")
     fs.pipe_file(f"{damaged}/{victim.name}", data[: len(data) // 3])
-    out = dino("train", *RUN, f"data.path={damaged}", f"storage.root={tmp_path}",
-               "run_name=damaged", "train.epochs=1", "tracking.enabled=false")
-    text = out.stdout + out.stderr
-    assert victim.name in text and "damaged" in text
+    cfg = load_config(None, None, [*RUN, f"data.path={damaged}", f"storage.root={tmp_path}",
+                                   "run_name=damaged", "train.epochs=1", "data.num_workers=0",
+                                   "tracking.enabled=false"])
+    run_url = str(tmp_path / "damaged")
+    with caplog.at_level("WARNING", logger="service.data.stream"):
+        Loop(cfg, InProcessContext(run_url), run_url, NullTracker()).run()
+    text = capfd.readouterr().out + caplog.text
+    assert victim.name in caplog.text and "damaged" in caplog.text
     assert f"skipped {victim.num_images} unreadable images" in text
 
 
-def test_the_ray_data_loader_trains_and_its_checkpoint_loads(packed, tmp_path):
+def test_the_ray_data_loader_trains_and_its_checkpoint_loads(packed, module_ray, tmp_path):
     out = dino("train", *RUN, f"data.path={packed}", f"storage.root={tmp_path}",
+               f"ray.address={module_ray.address}",
                "run_name=raydata", "data.loader=ray_data", "train.epochs=1",
                "tracking.enabled=false")
     assert "step 6/6" in out.stdout

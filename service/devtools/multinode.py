@@ -49,6 +49,9 @@ class LocalCluster:
     temp_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     drain_timeout_s: float = 0
+    # "fast" (FAST_HEALTH_CHECKS: a lost node noticed in ~3 s, what the tests use) or
+    # "default" (Ray's own settings, as the Kubernetes manifests keep them: ~30 s)
+    health_checks: str = "fast"
     port: int = 0
     dashboard_port: int = 0
     nodes: dict[str, Node] = field(default_factory=dict)
@@ -67,7 +70,9 @@ class LocalCluster:
                 "RAY_API_SERVER_ADDRESS": self.dashboard_url}
 
     def _env(self) -> dict[str, str]:
-        return {**os.environ, **self.env, **FAST_HEALTH_CHECKS, "RAY_AUTH_MODE": "disabled",
+        fast = FAST_HEALTH_CHECKS if self.health_checks == "fast" else {}
+        inherited = {k: v for k, v in os.environ.items() if k not in FAST_HEALTH_CHECKS}
+        return {**inherited, **self.env, **fast, "RAY_AUTH_MODE": "disabled",
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": f"{self.drain_timeout_s:g}"}
 
     def _spawn(self, name: str, args: list[str]) -> Node:

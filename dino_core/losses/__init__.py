@@ -1,0 +1,44 @@
+"""The losses of the DINOv2/DINOv3 recipe beside DINO's own: teacher centering (EMA or
+Sinkhorn-Knopp), iBOT's masked-patch loss, the KoLeo regulariser and DINOv3's Gram anchoring.
+
+Every cross-process reduction is injected (a callable, identity by default), so each loss
+runs without a process group and under DDP alike.
+"""
+
+from dino_core.losses.centering import (
+    Centering,
+    Reduce,
+    ema_center_update,
+    identity,
+    sinkhorn_knopp,
+    softmax_centered,
+)
+from dino_core.losses.gram import (
+    GramLoss,
+    gram_loss,
+    gram_refresh_due,
+    gram_refreshes_before,
+    gram_weight,
+)
+from dino_core.losses.ibot import IBOTPatchLoss, ibot_cross_entropy
+from dino_core.losses.koleo import Gather, KoLeoLoss, koleo_loss, no_gather
+
+__all__ = [
+    "Centering",
+    "Gather",
+    "GramLoss",
+    "IBOTPatchLoss",
+    "KoLeoLoss",
+    "Reduce",
+    "ema_center_update",
+    "gram_loss",
+    "gram_refresh_due",
+    "gram_refreshes_before",
+    "gram_weight",
+    "ibot_cross_entropy",
+    "identity",
+    "koleo_loss",
+    "no_gather",
+    "sinkhorn_knopp",
+    "softmax_centered",
+]
