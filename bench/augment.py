@@ -1,29 +1,44 @@
 """Multi-crop augmentation throughput: per-image pipelines vs. the batched one.
 
-Prints one JSON line per measurement, images/s and crops/s on one CPU core
-(``torch.set_num_threads(1)``), for
+Every CPU pipeline starts from the same decoded images (PIL, non-square 5:4, as a loader
+worker holds them after ``Image.open``) and ends with the normalised float crops, so each
+does the whole per-image work of a DataLoader worker after decoding:
 
 - ``a_reference_v1_pil``: the reference DINO ``DataAugmentationDINO`` (torchvision v1 on PIL,
   PIL Gaussian blur and solarization, Python ``random``), the baseline of every ratio;
 - ``b_multicrop_v2``: :class:`dino_core.augment.MultiCropAugmentation`, per image;
-- ``c_batched_cpu``: :class:`dino_core.augment_batched.BatchedMultiCrop` on uint8 batches;
-- ``canvas``: :func:`decode_to_canvas` from a decoded non-square image, the per-image CPU
-  work the batched path still needs in a DataLoader (not included in ``c``);
-- ``c_batched_cuda`` with ``--device cuda``: the batched path on the GPU, input already there
-  (images/s of the whole GPU, not per core).
+- ``c_batched_cpu``: :func:`decode_to_canvas` of each image (resize and centre crop to a
+  square uint8 canvas, ``pil_to_tensor``), stacked, then
+  :class:`dino_core.augment_batched.BatchedMultiCrop` on the batch: the canvases are made
+  inside the timing;
+- ``canvas``: :func:`decode_to_canvas` alone, the part of ``c`` a loader worker does before
+  collating (no ratio: it makes no crops);
+- ``c_batched_cuda`` with ``--device cuda``: the batched path on the GPU, canvases already
+  there (images/s of the whole GPU, not per core; no ratio: the canvases come from the
+  loader workers and the device is another machine part).
 
-Settings: ``paper`` (2 x 224 + 10 x 96 px crops of 256 px images) and ``small`` (2 x 32 +
-4 x 16 of 48 px). Each timing is the best of ``--reps`` repetitions after one warm-up, since
-other processes on a shared machine only ever slow a repetition down.
+One JSON line per pipeline: images/s and crops/s on one CPU core (``torch.set_num_threads(1)``)
+as the median over ``--reps`` timed repetitions with the spread (``*_spread`` = [min, max]),
+and ``ratio_to_a`` = median images/s over ``a``'s median (``ratio_to_a_spread``: the range
+of the per-repetition ratios). The pipelines take turns (``bench/fair.py``: each repetition
+runs all of them, the first one rotating), after one untimed repetition each, so a busy
+moment of a shared machine slows every pipeline alike.
 
-Usage: ``python bench/augment.py [--device cuda] [--quick]`` (about 15 s on one core).
+Settings: ``paper`` (2 x 224 + 10 x 96 px crops; 426 x 341 px images, 256 px canvases) and
+``small`` (2 x 32 + 4 x 16; 80 x 64 px images, 48 px canvases).
+
+Usage: ``python bench/augment.py [--device cuda] [--quick]`` (about a minute on one core;
+``--quick``: a quarter of the images, 3 repetitions).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -35,10 +50,13 @@ from PIL import Image, ImageFilter, ImageOps
 from dino_core.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
 from dino_core.augment_batched import BatchedMultiCrop, decode_to_canvas
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fair import alternate, fields, paired_ratios, rates  # noqa: E402
+
 SETTINGS = {
-    # name: (input side, global size, local size, n_local, per-image count, batch size)
-    "paper": (256, 224, 96, 10, 12, 32),
-    "small": (48, 32, 16, 4, 200, 256),
+    # name: (canvas side, global size, local size, n_local, images, batch size of c)
+    "paper": (256, 224, 96, 10, 32, 32),
+    "small": (48, 32, 16, 4, 256, 256),
 }
 CUDA_BATCH = {"paper": 256, "small": 1024}
 
@@ -100,40 +118,47 @@ def _images(n: int, side: int, seed: int = 0, height: int | None = None) -> list
     return out
 
 
-def _best_seconds(fn: Callable[[], object], reps: int, sync: Callable[[], None]) -> float:
-    fn()  # warm-up: allocator, oneDNN primitives, CUDA kernels
-    sync()
-    best = float("inf")
-    for _ in range(reps):
+def _seconds(fn: Callable[[], object], sync: Callable[[], None]) -> Callable[[], float]:
+    """``fn`` as one timed repetition (seconds)."""
+
+    def timed() -> float:
+        sync()
         start = time.perf_counter()
         fn()
         sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+        return time.perf_counter() - start
+
+    return timed
 
 
-def _emit(setting, pipeline, device, images, seconds, n_crops, baseline=None) -> float:
-    rate = images / seconds
+def _emit(setting, pipeline, device, images, seconds, n_crops, baseline=None) -> None:
+    """One line: images/s (median, spread) of ``seconds`` for ``images`` images, with the
+    ratio to ``baseline``'s images/s of the same repetitions when given."""
+    ips = rates(images, seconds)
     record = {
         "setting": setting,
         "pipeline": pipeline,
         "device": device,
         "threads": torch.get_num_threads(),
         "images": images,
-        "images_per_s": round(rate, 1),
-        "crops_per_s": round(rate * n_crops, 1),
+        "reps": len(seconds),
+        **fields("images_per_s", ips, 1),
+        **fields("crops_per_s", [x * n_crops for x in ips], 1),
     }
     if baseline is not None:
-        record["ratio_to_a"] = round(rate / baseline, 2)
+        record["ratio_to_a"] = round(statistics.median(ips) / statistics.median(baseline), 2)
+        pairs = paired_ratios(ips, baseline)
+        record["ratio_to_a_spread"] = [round(min(pairs), 2), round(max(pairs), 2)]
     print(json.dumps(record), flush=True)
-    return rate
 
 
 def run_setting(name: str, reps: int, scale: float, device: str) -> None:
     side, g, loc, n_local, n_img, batch = SETTINGS[name]
-    n_img, batch = max(2, int(n_img * scale)), max(2, int(batch * scale))
+    batch = max(2, int(batch * scale))
+    n_img = max(batch, int(n_img * scale)) // batch * batch  # whole batches for c
     n_crops = 2 + n_local
-    pil = _images(n_img, side)
+    # the same decoded images for every pipeline: 5:4, larger than the canvas
+    images = _images(n_img, side * 5 // 3, seed=0, height=side * 4 // 3)
 
     def nothing() -> None:
         return None
@@ -141,67 +166,41 @@ def run_setting(name: str, reps: int, scale: float, device: str) -> None:
     random.seed(0)
     torch.manual_seed(0)
     ref = reference_v1(g, loc, n_local)
-    rate_a = _emit(
-        name,
-        "a_reference_v1_pil",
-        "cpu",
-        n_img,
-        _best_seconds(lambda: [ref(im) for im in pil], reps, nothing),
-        n_crops,
-    )
-
     ours = MultiCropAugmentation(g, loc, n_local)
-    _emit(
-        name,
-        "b_multicrop_v2",
-        "cpu",
-        n_img,
-        _best_seconds(lambda: [ours(im) for im in pil], reps, nothing),
-        n_crops,
-        rate_a,
-    )
-
     batched = BatchedMultiCrop(g, loc, n_local)
-    canvas = torch.stack([decode_to_canvas(im, side) for im in _images(batch, side, seed=1)])
     gen = torch.Generator().manual_seed(0)
-    _emit(
-        name,
-        "c_batched_cpu",
-        "cpu",
-        batch,
-        _best_seconds(lambda: batched(canvas, gen), reps, nothing),
-        n_crops,
-        rate_a,
-    )
 
-    wide = _images(n_img, side * 5 // 3, seed=2, height=side * 4 // 3)  # 5:4, decoded
-    _emit(
-        name,
-        "canvas",
-        "cpu",
-        n_img,
-        _best_seconds(lambda: [decode_to_canvas(im, side) for im in wide], reps, nothing),
-        1,
-    )
+    def c_batched() -> None:
+        for i in range(0, n_img, batch):
+            canvases = torch.stack([decode_to_canvas(im, side) for im in images[i:i + batch]])
+            batched(canvases, gen)
+
+    seconds = alternate({
+        "a_reference_v1_pil": _seconds(lambda: [ref(im) for im in images], nothing),
+        "b_multicrop_v2": _seconds(lambda: [ours(im) for im in images], nothing),
+        "c_batched_cpu": _seconds(c_batched, nothing),
+        "canvas": _seconds(lambda: [decode_to_canvas(im, side) for im in images], nothing),
+    }, reps, warmup=1)  # warm-up: allocator, oneDNN primitives
+    base = rates(n_img, seconds["a_reference_v1_pil"])
+    _emit(name, "a_reference_v1_pil", "cpu", n_img, seconds["a_reference_v1_pil"], n_crops,
+          base)
+    _emit(name, "b_multicrop_v2", "cpu", n_img, seconds["b_multicrop_v2"], n_crops, base)
+    _emit(name, "c_batched_cpu", "cpu", n_img, seconds["c_batched_cpu"], n_crops, base)
+    _emit(name, "canvas", "cpu", n_img, seconds["canvas"], 1)
 
     if device == "cuda":
         if not torch.cuda.is_available():
             print(json.dumps({"setting": name, "pipeline": "c_batched_cuda", "skipped": "no CUDA"}))
             return
         n = CUDA_BATCH[name]
-        on_gpu = canvas[torch.arange(n) % canvas.shape[0]].to("cuda")
-        _emit(
-            name,
-            "c_batched_cuda",
-            torch.cuda.get_device_name(),
-            n,
-            _best_seconds(lambda: batched(on_gpu, gen), reps, torch.cuda.synchronize),
-            n_crops,
-            rate_a,
-        )
+        canvases = torch.stack([decode_to_canvas(im, side) for im in images])
+        on_gpu = canvases[torch.arange(n) % canvases.shape[0]].to("cuda")
+        timed = _seconds(lambda: batched(on_gpu, gen), torch.cuda.synchronize)
+        cuda_seconds = alternate({"c": timed}, reps, warmup=1)["c"]
+        _emit(name, "c_batched_cuda", torch.cuda.get_device_name(), n, cuda_seconds, n_crops)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--device",
@@ -209,14 +208,20 @@ def main() -> None:
         default="cpu",
         help="cuda: also time the batched path on the GPU",
     )
-    parser.add_argument("--reps", type=int, default=3, help="timed repetitions (best is kept)")
-    parser.add_argument("--quick", action="store_true", help="quarter the counts (a smoke run)")
+    parser.add_argument("--reps", type=int, default=5,
+                        help="timed repetitions per pipeline, taken in turns (median, spread)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a quarter of the images, 3 repetitions (a smoke run)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(1)  # per-core figures: a DataLoader worker is one core
     for name in args.settings:
         run_setting(
-            name, args.reps if not args.quick else 1, 0.25 if args.quick else 1.0, args.device
+            name, args.reps if not args.quick else 3, 0.25 if args.quick else 1.0, args.device
         )
 
 

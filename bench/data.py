@@ -13,19 +13,30 @@ Prints one JSON line per measurement, then a summary line with the ratios and th
 (a)-(c) go through what training calls: ``data.train_dataset(cfg)`` then
 ``data.train_loader(ds, cfg, ...)``, with ``data.num_workers=2`` (both cores of the CI box)
 and the default batched backend: uint8 canvases of 8/7 x ``aug.global_size`` = 256 px,
-decoded in the loader workers. Each row has
+decoded in the loader workers. Every row reads the same images and delivers the same
+canvases, so their rates compare.
 
-- ``images_per_sec``: decoded images/s, the best of three windows of a fixed number of
-  batches (whole rounds of the loader workers), after one warm-up batch per worker (they
-  start together, so the second batch is nearly done when the first arrives). Best, since
-  other processes on a shared machine only ever slow a window down;
-- ``first_batch_s``: from constructing the dataset (which lists the prefix for (b), reads
-  the manifest for (c)) to the first batch out of the loader; for (b) and (c), whose
-  targets are about it, the best of ``--first-reps`` constructions.
+How the rows are timed (``bench/fair.py``). At each image count the rows take turns,
+``--windows`` rounds, the first row rotating (a b c d, b c d a, ...). A turn builds the row's
+reader afresh (dataset and loader, or Ray Data pipeline), takes the first batch (timed:
+``first_batch_s``, from constructing the dataset, which lists the prefix for (b) and reads
+the manifest for (c), to the first batch out of the loader), then one warm-up batch per
+loader process (they start together, so the second batch is nearly done when the first
+arrives), then times a window of a fixed number of batches (whole rounds of the loader
+processes), and closes the reader. Every row is thus warmed up the same way, and no reader
+runs ahead while another row is timed (a reader paused between windows would fill its
+queue and flatter its next window). Each row prints, over its turns, the median and spread
+([min, max]) of
 
-Every row is measured at two image counts; the summary's ratios are those of the larger.
-A reader that runs ahead through a whole small epoch before its first batch (Ray Data at the
-``--ci`` counts) shows the drained read-ahead there, not a rate: read the larger count.
+- ``images_per_sec``: decoded images/s over the timed window;
+- ``first_batch_s``;
+
+and ``ratio_to_local_folder`` = its median images/s over (a)'s median at the same count
+(``ratio_to_local_folder_spread``: the range of the per-round ratios). The summary's ratios
+are those of the medians at the larger count; a first-batch growth is the median at the
+larger count over the median at the smaller. When (d) is measured, the local Ray is up
+through every row's turns (idle while the others are timed), so all rows share that
+background.
 
 The images are generated once into ``--work`` (random sizes 160-500 px per side, smooth
 gradients + shapes + noise, JPEG quality 90, about 55 kB each, in 3 class folders,
@@ -37,7 +48,7 @@ the image counts, so that, as at full size, a loader process holds more images t
 buffer and each process reads several shards.
 
 Usage:
-    python bench/data.py --ci                      # 200 and 600 images, 1-2 minutes
+    python bench/data.py --ci                      # 200 and 600 images, 2-3 minutes
     python bench/data.py --work /tmp/dino-bench    # 2,000 and 20,000 images, JPEGs kept
     python bench/data.py --rows a,c --images 2000,20000
 """
@@ -51,6 +62,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -62,10 +74,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/data.py`
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fair import fields, order, paired_ratios  # noqa: E402
 
 ROWS = {"a": "local_folder", "b": "s3_per_object", "c": "s3_shards", "d": "ray_data"}
 CLASSES = 3
-FIRST_BATCH_ROWS = ("s3_per_object", "s3_shards")  # timed --first-reps times (targets)
 BUCKET = "bench"
 TARGETS = {  # name: (what, threshold, higher is better)
     "c_over_a": ("s3_shards images/s >= 0.9 x local_folder", 0.9, True),
@@ -243,61 +256,40 @@ def ray_data_batches(url: str, canvas: int, batch: int, n: int) -> Iterator[int]
         yield int(labels.numel())
 
 
-def plan_windows(n_batches: int, warmup: int, cap: int, workers: int) -> tuple[int, int]:
-    """(windows, batches per window) that fit in ``n_batches`` after ``warmup``.
-
-    A window is a whole number of rounds of the loader's workers: each worker delivers its
-    batches in turn and the workers finish theirs at about the same moment, so a window of
-    one batch would time the gap between two batches that were ready together."""
+def plan_window(n_batches: int, warmup: int, cap: int, workers: int) -> int:
+    """Batches per timed window that fit in one epoch of ``n_batches`` after the first batch
+    and ``warmup`` more: a whole number of rounds of the loader's processes (each delivers
+    its batches in turn and they finish theirs at about the same moment, so a window of one
+    batch would time the gap between two batches that were ready together), at most
+    ``cap``."""
     w = max(workers, 1)
-    left = max(n_batches - warmup, 1)
-    per = min(cap, left // 3) // w * w
-    if per >= w:
-        return 3, per
-    per = w if left >= w else left
-    return max(1, left // per), per
+    left = max(n_batches - 1 - warmup, 1)
+    per = min(cap, left) // w * w
+    return per if per >= w else left
 
 
-def first_batch(batches: Callable[[], Iterator[int]]) -> float:
-    """Seconds from constructing the dataset to the first batch out of the loader."""
+def turn(batches: Callable[[], Iterator[int]], warmup: int, per: int) -> dict:
+    """One turn of a row: a fresh reader, its first batch (timed from constructing the
+    dataset), ``warmup`` more, then a timed window of ``per`` batches; the reader is closed
+    after. Returns ``first_s``, ``images_per_sec`` and ``batches`` (timed)."""
     t0 = time.perf_counter()
     it = batches()
     try:
         next(it)
-        return time.perf_counter() - t0
+        first = time.perf_counter() - t0
+        for _ in range(warmup):
+            next(it)
+        start, images, done = time.perf_counter(), 0, 0
+        for count in it:
+            images, done = images + count, done + 1
+            if done == per:
+                break
+        if done == 0:
+            raise RuntimeError("the epoch ran out before the timed window")
+        return {"first_s": first, "images_per_sec": images / (time.perf_counter() - start),
+                "batches": done}
     finally:
         it.close()  # the loader's workers stop with their iterator
-
-
-def measure(batches: Callable[[], Iterator[int]], n_batches: int, warmup: int, cap: int,
-            workers: int, first_reps: int) -> dict:
-    """The best time to first batch of ``first_reps`` constructions, then the best
-    images/s over the timed windows of the last one."""
-    firsts = [first_batch(batches) for _ in range(first_reps - 1)]
-    windows, per = plan_windows(n_batches, warmup, cap, workers)
-    t0 = time.perf_counter()
-    it = batches()
-    try:
-        next(it)
-        firsts.append(time.perf_counter() - t0)
-        for _ in range(warmup - 1):
-            next(it)
-        best, timed = 0.0, 0
-        for _ in range(windows):
-            start, images, done = time.perf_counter(), 0, 0
-            for count in it:
-                images, done = images + count, done + 1
-                if done == per:
-                    break
-            if done == 0:
-                break  # the epoch ran out (iterable datasets can yield fewer full batches)
-            best = max(best, images / (time.perf_counter() - start))
-            timed += done
-    finally:
-        it.close()
-    return {"first_batch_s": round(min(firsts), 3),
-            "first_batch_reps_s": [round(x, 3) for x in firsts],
-            "images_per_sec": round(best, 1), "timed_batches": timed, "windows": windows}
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -306,7 +298,8 @@ def measure(batches: Callable[[], Iterator[int]], n_batches: int, warmup: int, c
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ci", action="store_true",
-                   help="200 and 600 images, batch 32, 4 MiB shards (about a minute)")
+                   help="200 and 600 images, batch 32, 4 MiB shards, packed without Ray "
+                   "tasks (2-3 minutes)")
     p.add_argument("--images", default="", help="the two image counts (default 2000,20000)")
     p.add_argument("--work", default="", help="cache dir for the JPEGs (default: a temp dir)")
     p.add_argument("--rows", default="a,b,c,d", help="subset of a,b,c,d")
@@ -320,16 +313,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="data.shuffle_buffer of packed data (default: the config's; ci 64, "
                    "below the images per loader process, as at full size)")
     p.add_argument("--global-size", type=int, default=224, help="aug.global_size (canvas 8/7x)")
-    p.add_argument("--first-reps", type=int, default=0,
-                   help="constructions of (b) and (c) timed to the first batch, best kept "
-                   "(default 3; ci 2); the other rows time one")
+    p.add_argument("--windows", type=int, default=3,
+                   help="turns of every row at each count, taken in rotation (median, spread)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated images")
     args = p.parse_args(argv)
 
     counts = sorted(int(x) for x in (args.images or ("200,600" if args.ci else "2000,20000"))
                     .split(","))
     batch = args.batch or (32 if args.ci else 64)
-    first_reps = max(1, args.first_reps or (2 if args.ci else 3))
+    if args.windows < 1:
+        p.error("--windows must be at least 1")
     cap = args.window_batches or (5 if args.ci else 30)
     shard_bytes = int((args.shard_mb or (4 if args.ci else 16)) * 2**20)
     shuffle_buffer = (args.shuffle_buffer if args.shuffle_buffer >= 0
@@ -347,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
 
     emit({"bench": "data", "kind": "config", "images": counts, "batch": batch,
           "workers": args.workers, "canvas": canvas, "rows": rows, "cpus": os.cpu_count(),
-          "window_batches": cap, "first_reps": first_reps, "shard_bytes": shard_bytes, "torch": torch.__version__,
+          "window_batches": cap, "windows": args.windows, "warmup_batches": warmup,
+          "shard_bytes": shard_bytes, "torch": torch.__version__,
           "shuffle_buffer": load_config().data.shuffle_buffer if shuffle_buffer is None
           else shuffle_buffer})
 
@@ -378,55 +372,78 @@ def main(argv: list[str] | None = None) -> int:
                 emit({"bench": "data", "kind": "setup", "step": "upload", "images": n,
                       "seconds": round(sec, 1), "images_per_sec": round(n / sec, 1)})
 
-        def run_row(row: str, n: int, batches: Callable[[], Iterator[int]]) -> None:
-            nonlocal failed
-            try:
-                reps = first_reps if row in FIRST_BATCH_ROWS else 1
-                got = measure(batches, n // batch, warmup, cap, args.workers, reps)
-            except Exception as err:  # a missing or broken reader is a failed row, not a gap
-                failed = True
-                emit({"bench": "data", "row": row, "images": n, "error": repr(err)[:500]})
-                return
-            results[(row, n)] = got
-            base = results.get(("local_folder", n))
-            ratio = base and round(got["images_per_sec"] / base["images_per_sec"], 2)
-            emit({"bench": "data", "row": row, "images": n, "batch": batch,
-                  "workers": args.workers, "canvas": canvas, **got,
-                  "ratio_to_local_folder": ratio})
-
         def cfg(path: str):
             return config(path, batch, args.workers, args.global_size, shuffle_buffer)
 
-        for n in counts:
-            if "local_folder" in rows:
-                run_row("local_folder", n, lambda n=n: loader_batches(cfg(str(folders[n]))))
-            if "s3_per_object" in rows:
-                run_row("s3_per_object", n, lambda n=n: loader_batches(cfg(objects[n])))
+        def readers(n: int) -> dict[str, Callable[[], Iterator[int]]]:
+            sources = {"local_folder": lambda: loader_batches(cfg(str(folders[n]))),
+                       "s3_per_object": lambda: loader_batches(cfg(objects[n])),
+                       "s3_shards": lambda: loader_batches(cfg(packed[n])),
+                       "ray_data": lambda: ray_data_batches(packed[n], canvas, batch, n)}
+            return {row: sources[row] for row in rows}
 
         if {"s3_shards", "ray_data"} & set(rows):
-            with local_ray(num_cpus=2):
-                for n in counts:
-                    try:
-                        from service.data.pack import pack
+            if "ray_data" in rows or not args.ci:  # packs in Ray tasks; (d) reads through it
+                stack.enter_context(local_ray(num_cpus=2))
+            for n in counts:
+                try:
+                    from service.data.pack import pack
 
-                        result = pack(str(folders[n]), packed[n], shard_bytes=shard_bytes)
-                        emit({"bench": "data", "kind": "setup", "step": "pack", "images": n,
-                              "source": "local folder", "shards": len(result.manifest.shards),
-                              "seconds": round(result.seconds, 1),
-                              "images_per_sec": round(n / result.seconds, 1)})
-                    except Exception as err:
-                        failed = True
-                        emit({"bench": "data", "kind": "setup", "step": "pack", "images": n,
-                              "error": repr(err)[:500]})
-                if "ray_data" in rows:  # while Ray is up; (c) then runs without it, as (a)
-                    with contextlib.suppress(ImportError):  # else the row reports it
-                        import service.data.raydata  # noqa: F401 - not timed
-                    for n in counts:
-                        run_row("ray_data", n,
-                                lambda n=n: ray_data_batches(packed[n], canvas, batch, n))
-            if "s3_shards" in rows:
-                for n in counts:
-                    run_row("s3_shards", n, lambda n=n: loader_batches(cfg(packed[n])))
+                    # setup, not measured: at --ci counts Ray tasks cost more than they save
+                    result = pack(str(folders[n]), packed[n], shard_bytes=shard_bytes,
+                                  parallel=not args.ci)
+                    emit({"bench": "data", "kind": "setup", "step": "pack", "images": n,
+                          "source": "local folder", "shards": len(result.manifest.shards),
+                          "parallel": not args.ci,
+                          "seconds": round(result.seconds, 1),
+                          "images_per_sec": round(n / result.seconds, 1)})
+                except Exception as err:
+                    failed = True
+                    emit({"bench": "data", "kind": "setup", "step": "pack", "images": n,
+                          "error": repr(err)[:500]})
+            if "ray_data" in rows:
+                with contextlib.suppress(ImportError):  # else the row reports it
+                    import service.data.raydata  # noqa: F401 - not timed
+            else:  # nothing reads through Ray: the rows run without it, as training would
+                import ray
+
+                if ray.is_initialized():
+                    ray.shutdown()
+
+        for n in counts:
+            per = plan_window(n // batch, warmup, cap, args.workers)
+            turns: dict[str, list[dict]] = {row: [] for row in rows}
+            errors: dict[str, str] = {}
+            sources = readers(n)
+            for r in range(args.windows):
+                for row in order(rows, r):
+                    if row in errors:
+                        continue
+                    try:
+                        turns[row].append(turn(sources[row], warmup, per))
+                    except Exception as err:  # a broken reader is a failed row, not a gap
+                        errors[row] = repr(err)[:500]
+            base = [t["images_per_sec"] for t in turns.get("local_folder", [])]
+            for row in rows:
+                if row in errors:
+                    failed = True
+                    emit({"bench": "data", "row": row, "images": n, "error": errors[row]})
+                    continue
+                ips = [t["images_per_sec"] for t in turns[row]]
+                got = {**fields("images_per_sec", ips, 1),
+                       **fields("first_batch_s", [t["first_s"] for t in turns[row]]),
+                       "windows": len(ips), "batches_per_window": per,
+                       "timed_batches": sum(t["batches"] for t in turns[row])}
+                results[(row, n)] = got
+                pairs = paired_ratios(ips, base) if base else None
+                emit({"bench": "data", "row": row, "images": n, "batch": batch,
+                      "workers": args.workers, "canvas": canvas, **got,
+                      "ratio_to_local_folder": round(statistics.median(ips)
+                                                     / statistics.median(base), 2)
+                      if base else None,
+                      "ratio_to_local_folder_spread": [round(min(pairs), 2),
+                                                       round(max(pairs), 2)]
+                      if pairs else None})
 
     summary = summarize(results, rows, counts)
     emit(summary)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of the training step, for a machine with one CUDA GPU; one run of under 8
+# The GPU check of the training step, for a machine with one CUDA GPU; one run of under 9
 # minutes on an H100/H200 prints every row the step issue asks for, as JSON lines in
-# ${OUT:-.}/bench-gpu.jsonl:
+# ${OUT:-.}/bench-gpu.jsonl (each timed row: median and spread of windows that the variants
+# take in turns, after the same warm-up for all; see bench/step.py):
 #   1. numerics of the fast path vs the plain fp32 path (exit non-zero if one fails);
 #   2. the profile (top kernels, device idle fraction) of the reference and of dino_core,
 #      at batch 64 and 128;
@@ -25,9 +26,9 @@ LEVERS=$LEVERS,dino_core+packed_sdpa,dino_core+chunked,dino_core+ckpt,dino_core+
 LEVERS=$LEVERS,dino_core+compile+packed+chunked
 step 90 --setting paper --batch 128 --steps 3 --compile --check --variants reference,dino_core
 step 60 --setting paper --batch 64 128 --warmup 3 --profile reference,dino_core
-step 150 --setting paper --batch 128 --steps 8 --variants "$LEVERS" --e2e 1024 --e2e-packed
-step 70 --setting paper --batch 64 --steps 8 --variants reference,dino_core,dino_core+compile+packed+chunked
-step 45 --setting paper_b16 --batch 64 --steps 5 --variants reference,dino_core,dino_core+compile+packed+chunked
+step 150 --setting paper --batch 128 --steps 8 --windows 3 --variants "$LEVERS" --e2e 1024 --e2e-packed
+step 80 --setting paper --batch 64 --steps 8 --windows 3 --variants reference,dino_core,dino_core+compile+packed+chunked
+step 60 --setting paper_b16 --batch 64 --steps 5 --windows 3 --variants reference,dino_core,dino_core+compile+packed+chunked
 step 45 --setting paper_s8 --batch 32 --steps 5 --variants reference,dino_core,dino_core+ckpt
 timeout 30 python3 bench/augment.py --device cuda --quick | tee -a "$out"
 python3 - "$out" <<'PY'

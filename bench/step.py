@@ -7,18 +7,32 @@ so the gain of every lever is the ratio of two neighbouring lines:
     reference -> +sdpa -> +bf16 (CUDA) -> +fused_adamw -> +foreach -> +dino_loss -> +no_sync
 
 then ``dino_core`` runs the project's real ``dino_core.train_step`` with every lever on, and
-``dino_core+compile`` adds ``torch.compile`` of both backbones (``--compile``). Each line has
-images/s, ms per step, peak GPU memory, achieved TFLOP/s (FLOPs counted once with
-``FlopCounterMode``) and ``ratio`` = images/s over the reference's, measured in the same run.
+``dino_core+compile`` adds ``torch.compile`` of both backbones (``--compile``).
+
+How the variants are timed (``bench/fair.py``): every variant is built first, warmed up with
+the same number of steps (``--warmup``, plus 10 for all of them when one is compiled), then
+the variants take turns window by window, round-robin with a rotating start (round r starts
+with variant r mod n), ``--windows`` timed windows of ``--steps`` steps each. A busy moment of
+the machine or a drift of the GPU's clocks then lands on every variant alike, not on
+whichever ran at that time. Each line has images/s and ms per step as the median over the
+windows with their spread (``*_spread`` = [min, max]), peak GPU memory (the most the device
+held during the variant's windows, less what the other variants keep resident: what the
+variant alone would hold), achieved TFLOP/s at the median (FLOPs counted once with
+``FlopCounterMode``), ``ratio`` = median images/s over the first variant's median (the
+reference by default; every variant does the same step on the same crops), and
+``ratio_spread``: the range of the per-round ratios (both windows in the same round).
 
 ``--check`` prints the numerics: the reference math vs. ours in fp32 (loss to 1e-3
 relative) and the fast path (bf16, compiled if asked) vs. the plain fp32 path (loss and
 gradients within bf16 tolerance). ``--e2e N`` writes N JPEGs and measures the whole pipeline
 (decode in DataLoader workers -> batched multi-crop on the device -> step) against the
-synthetic-crop rate of the same step.
+synthetic-crop rate of the same variant (``dino_core``, or ``dino_core+compile`` with
+``--compile``) at the same batch: the same steps, the data added. Its windows run back to
+back, not between the ladder's (a loader would fill its queue while paused, which flatters
+the next window); they are printed as median and spread too.
 
 Usage:
-    python bench/step.py --setting small                      # CPU, about a minute
+    python bench/step.py --setting small                      # CPU, about two minutes
     python bench/step.py --device cuda --setting paper --batch 64 128 --compile --check \
         --e2e 2048                                            # one GPU, a few minutes
 """
@@ -29,6 +43,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +52,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fair import fields, order, paired_ratios, rates  # noqa: E402
 from reference_step import Levers, LeverStep, set_fused_attention  # noqa: E402
 
 from dino_core import (  # noqa: E402
@@ -188,21 +204,33 @@ def count_flops(s: Setting, crops: list[torch.Tensor], device: torch.device) -> 
     return float(fc.get_total_flops())
 
 
-def time_steps(step: Callable, crops: list[torch.Tensor], device: torch.device,
-               warmup: int, steps: int, windows: int = 3) -> float:
-    """Seconds per step: the best of ``windows`` timed windows (others' load only slows a
-    window)."""
-    for _ in range(warmup):
+def window_seconds(step: Callable, crops: list[torch.Tensor], device: torch.device,
+                   steps: int) -> float:
+    """Seconds per step over one window of ``steps`` steps (the device synced at both
+    ends); 0 for no steps."""
+    if steps < 1:
+        return 0.0
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
         step(crops)
     sync(device)
-    best = float("inf")
-    for _ in range(windows):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step(crops)
-        sync(device)
-        best = min(best, (time.perf_counter() - t0) / steps)
-    return best
+    return (time.perf_counter() - t0) / steps
+
+
+def variant_names(names: str) -> list[str]:
+    """``--variants`` checked: every name is a rung of the ladder or ``dino_core`` with
+    known options (``dino_core+packed+chunked``); raises ValueError naming the others."""
+    ladder = {n for n, _ in LADDER}
+    bad = []
+    for name in names.split(","):
+        head, *opts = name.split("+") if name.startswith("dino_core") else (name, )
+        if name not in ladder and (head != "dino_core" or set(opts) - set(OPTIONS)):
+            bad.append(name)
+    if bad:
+        raise ValueError(f"unknown variants {bad}: choose from {[n for n, _ in LADDER]} or "
+                         f"dino_core[+option...] with options {list(OPTIONS)}")
+    return names.split(",")
 
 
 def build_variant(name: str, levers: Levers | None, s: Setting, template: tuple,
@@ -216,13 +244,9 @@ def build_variant(name: str, levers: Levers | None, s: Setting, template: tuple,
                      levers, device)
 
 
-def run_ladder(args, s: Setting, device: torch.device) -> dict[int, float]:
-    """Every variant at every batch size; returns the fastest project rate per batch.
-
-    On a GPU the variants run one after another (each alone, so its peak memory is its own).
-    On a CPU, where other processes share the cores, they take turns window by window, so a
-    busy moment slows every variant alike instead of whichever happened to be running.
-    """
+def run_ladder(args, s: Setting, device: torch.device) -> dict[tuple[str, int], list[float]]:
+    """Every variant at every batch size, taking turns window by window (see the module's
+    docstring); returns the images/s of each window per (variant, batch)."""
     template = networks(s)
     variants: list[tuple[str, Levers | None]] = [
         (n, lv) for n, lv in LADDER if device.type == "cuda" or n != "+bf16"]
@@ -231,54 +255,90 @@ def run_ladder(args, s: Setting, device: torch.device) -> dict[int, float]:
         variants.append(("dino_core+compile", None))
     if args.variants:  # in the order given (the first is the ratios' base); any
         known = dict(variants)  # dino_core+<options> combination may be named
-        variants = [(n, known.get(n)) for n in args.variants.split(",")
+        variants = [(n, known.get(n)) for n in variant_names(args.variants)
                     if n in known or n.startswith("dino_core")]
-    best: dict[int, float] = {}
+    compiled = any("compile" in n or "cudagraphs" in n for n, _ in variants)
+    warmup = args.warmup + (10 if compiled else 0)  # the same for every variant
+    measured: dict[tuple[str, int], list[float]] = {}
     for batch in args.batch:
-        crops = synthetic_crops(s, batch, device)
-        flops = count_flops(s, crops, device)
-        seconds: dict[str, float] = {}
-        memory: dict[str, float | None] = {}
-        if device.type == "cuda":
-            for name, levers in variants:
-                try:
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats()
-                    step = build_variant(name, levers, s, template, device)
-                    warmup = args.warmup + (10 if name.endswith("compile") else 0)
-                    seconds[name] = time_steps(step, crops, device, warmup, args.steps)
-                    memory[name] = torch.cuda.max_memory_allocated() / 2**30
-                    del step
-                except Exception as err:  # keep measuring the other variants
-                    emit({"bench": "step", "variant": name, "batch": batch,
-                          "error": repr(err)[:300]})
-        else:
-            steps = {}
-            for name, levers in variants:
-                try:
-                    steps[name] = build_variant(name, levers, s, template, device)
-                except Exception as err:  # keep measuring the other variants
-                    emit({"bench": "step", "variant": name, "batch": batch,
-                          "error": repr(err)[:300]})
-            for name, step in steps.items():
-                warmup = args.warmup + (10 if name.endswith("compile") else 0)
-                time_steps(step, crops, device, warmup, 1, windows=1)
-            for _ in range(3):
-                for name, step in steps.items():
-                    sec = time_steps(step, crops, device, 0, args.steps, windows=1)
-                    seconds[name] = min(seconds.get(name, float("inf")), sec)
-        base = seconds.get(variants[0][0])
-        for name, sec in seconds.items():
-            ips = batch / sec
-            if name.startswith("dino_core"):
-                best[batch] = max(best.get(batch, 0.0), ips)
-            mem = memory.get(name)
-            emit({"bench": "step", "setting": args.setting, "device": device_name(device),
-                  "variant": name, "batch": batch, "img_per_s": round(ips, 1),
-                  "step_ms": round(sec * 1e3, 2), "peak_mem_gib": mem and round(mem, 2),
-                  "tflops": round(flops / sec / 1e12, 2),
-                  "ratio": round(base / sec, 3) if base else None})
-    return best
+        for name, ips in ladder_at(args, s, device, variants, template, batch, warmup).items():
+            measured[(name, batch)] = ips
+    return measured
+
+
+def ladder_at(args, s: Setting, device: torch.device, variants: list, template: tuple,
+              batch: int, warmup: int) -> dict[str, list[float]]:
+    """The variants at one batch size: built, warmed up, timed in turns, one line each;
+    returns the images/s of each window per variant."""
+    cuda = device.type == "cuda"
+    crops = synthetic_crops(s, batch, device)
+    flops = count_flops(s, crops, device)
+    steps: dict[str, Callable] = {}
+    resident: dict[str, int] = {}  # device memory each variant keeps between its turns
+
+    def turn(name: str, n_steps: int) -> tuple[float, int]:
+        """One window of ``name``: (seconds per step, its peak device memory alone)."""
+        before = torch.cuda.memory_allocated() if cuda else 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sec = window_seconds(steps[name], crops, device, n_steps)
+        if not cuda:
+            return sec, 0
+        resident[name] += torch.cuda.memory_allocated() - before
+        others = sum(v for k, v in resident.items() if k != name)
+        return sec, torch.cuda.max_memory_allocated() - others
+
+    def failed(name: str, err: Exception) -> None:
+        steps.pop(name, None)
+        resident.pop(name, None)
+        emit({"bench": "step", "variant": name, "batch": batch, "error": repr(err)[:300]})
+        if cuda:
+            torch.cuda.empty_cache()
+
+    for name, levers in variants:
+        try:
+            before = torch.cuda.memory_allocated() if cuda else 0
+            steps[name] = build_variant(name, levers, s, template, device)
+            resident[name] = (torch.cuda.memory_allocated() - before) if cuda else 0
+        except Exception as err:  # keep measuring the other variants
+            failed(name, err)
+    for name in list(steps):  # warm-up: the same number of steps for every variant
+        try:
+            turn(name, warmup)
+        except Exception as err:
+            failed(name, err)
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    peak: dict[str, int] = dict.fromkeys(steps, 0)
+    for r in range(args.windows):
+        for name in order(list(steps), r):
+            try:
+                sec, mem = turn(name, args.steps)
+            except Exception as err:  # an OOM or a failed compile costs its row only
+                failed(name, err)
+                continue
+            seconds[name].append(sec)
+            peak[name] = max(peak[name], mem)
+    seconds = {name: secs for name, secs in seconds.items() if name in steps}
+    base_name = variants[0][0]
+    base = rates(batch, seconds[base_name]) if base_name in seconds else None
+    out = {}
+    for name, secs in seconds.items():
+        ips = out[name] = rates(batch, secs)
+        pairs = paired_ratios(ips, base) if base else None
+        emit({"bench": "step", "setting": args.setting, "device": device_name(device),
+              "variant": name, "batch": batch, **fields("img_per_s", ips, 1),
+              **fields("step_ms", [x * 1e3 for x in secs], 2),
+              "windows": len(secs), "steps_per_window": args.steps, "warmup_steps": warmup,
+              "peak_mem_gib": round(peak[name] / 2**30, 2) if cuda else None,
+              "tflops": round(flops / statistics.median(secs) / 1e12, 4),
+              "ratio_base": base_name if base else None,
+              "ratio": round(statistics.median(ips) / statistics.median(base), 3)
+              if base else None,
+              "ratio_spread": [round(min(pairs), 3), round(max(pairs), 3)] if pairs else None})
+    steps.clear()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
 
 
 def loss_and_grads(step: LeverStep | ProjectStep,
@@ -352,11 +412,14 @@ def write_jpegs(n: int) -> tuple[str, float]:
     return root, time.perf_counter() - t0
 
 
-def time_pipeline(args, s: Setting, device: torch.device, loader, crops_of) -> tuple[float, float]:
-    """(images/s of loader -> ``crops_of(batch)`` -> step, seconds to the first batches)."""
+def time_pipeline(args, s: Setting, device: torch.device, loader, crops_of,
+                  variant: str) -> tuple[list[float], float]:
+    """(images/s of each window of loader -> ``crops_of(batch)`` -> step, seconds to the
+    first batches). ``--warmup`` steps first, then ``--windows`` windows of ``--steps``
+    steps, back to back."""
     template = networks(s)
     st, te = (copy.deepcopy(m).to(device) for m in template)
-    step = ProjectStep(st, te, s.out_dim, device, args.compile)
+    step = ProjectStep(st, te, s.out_dim, device, set(variant.split("+")[1:]))
 
     def batches():
         while True:
@@ -368,16 +431,22 @@ def time_pipeline(args, s: Setting, device: torch.device, loader, crops_of) -> t
         next(it)
     first = time.perf_counter() - started
     batch = max(args.batch)
-    for i in range(args.warmup + args.steps * 2):
-        if i == args.warmup:
-            sync(device)
-            t0 = time.perf_counter()
+    compiled = "compile" in variant or "cudagraphs" in variant
+    for _ in range(args.warmup + (10 if compiled else 0)):
         step(crops_of(next(it)))
-    sync(device)
-    return batch * args.steps * 2 / (time.perf_counter() - t0), first
+    ips = []
+    for _ in range(args.windows):
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step(crops_of(next(it)))
+        sync(device)
+        ips.append(batch * args.steps / (time.perf_counter() - t0))
+    return ips, first
 
 
-def run_e2e(args, s: Setting, device: torch.device, synthetic_ips: float) -> None:
+def run_e2e(args, s: Setting, device: torch.device, synthetic: list[float],
+            variant: str) -> None:
     """Encoded JPEGs -> DataLoader decode -> batched multi-crop on the device -> step; with
     ``--e2e-packed`` also: the same JPEGs packed into shards -> the streaming reader (encoded
     bytes) -> decode on the device (nvjpeg on CUDA) -> crops of each full image -> step."""
@@ -398,12 +467,16 @@ def run_e2e(args, s: Setting, device: torch.device, synthetic_ips: float) -> Non
         collate_fn=collate_multicrop, pin_memory=device.type == "cuda",
         persistent_workers=True, prefetch_factor=4)
     ips, first = time_pipeline(args, s, device, loader,
-                               lambda b: aug(b[0].to(device, non_blocking=True), gen))
+                               lambda b: aug(b[0].to(device, non_blocking=True), gen), variant)
     row = {"bench": "e2e", "setting": args.setting, "device": device_name(device),
-           "images": args.e2e, "loader_workers": workers, "batch": batch,
-           "synthetic_img_per_s": round(synthetic_ips, 1), "jpeg_write_s": round(written, 1)}
-    emit({**row, "source": "folder, canvas decoded on CPU", "img_per_s": round(ips, 1),
-          "ratio_vs_synthetic": round(ips / synthetic_ips, 3), "first_batches_s": round(first, 1)})
+           "images": args.e2e, "loader_workers": workers, "batch": batch, "variant": variant,
+           **fields("synthetic_img_per_s", synthetic, 1), "jpeg_write_s": round(written, 1)}
+
+    def ratio_vs_synthetic(ips: list[float]) -> float:
+        return round(statistics.median(ips) / statistics.median(synthetic), 3)
+
+    emit({**row, "source": "folder, canvas decoded on CPU", **fields("img_per_s", ips, 1),
+          "ratio_vs_synthetic": ratio_vs_synthetic(ips), "first_batches_s": round(first, 1)})
     if not args.e2e_packed:
         return
     from service.data import collate_encoded, read_manifest
@@ -423,9 +496,10 @@ def run_e2e(args, s: Setting, device: torch.device, synthetic_ips: float) -> Non
 
     side = max(canvas, 496 * s.local_size // 96)  # the service's full_image_side at paper sizes
     ips, first = time_pipeline(args, s, device, packed_batches(),
-                               lambda b: full_image_views(aug, b[0], device, gen, side)[0])
+                               lambda b: full_image_views(aug, b[0], device, gen, side)[0],
+                               variant)
     emit({**row, "source": "packed shards, decoded on the device, full-image crops",
-          "img_per_s": round(ips, 1), "ratio_vs_synthetic": round(ips / synthetic_ips, 3),
+          **fields("img_per_s", ips, 1), "ratio_vs_synthetic": ratio_vs_synthetic(ips),
           "first_batches_s": round(first, 1)})
 
 
@@ -473,13 +547,16 @@ def device_name(device: torch.device) -> str:
     return f"cpu x{torch.get_num_threads()} threads"
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, checked (unknown options or variant names exit with status 2)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--setting", choices=sorted(SETTINGS), default="small")
     p.add_argument("--batch", type=int, nargs="+", default=[64])
-    p.add_argument("--steps", type=int, default=5, help="steps per timed window (3 windows)")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5,
+                   help="timed windows per variant, taken in turns (median and spread)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     p.add_argument("--compile", action="store_true", help="add torch.compile'd backbones")
     p.add_argument("--check", action="store_true", help="numerics of the fast path")
     p.add_argument("--e2e", type=int, default=0, help="JPEGs for the end-to-end rate")
@@ -490,6 +567,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default="", help="comma-separated variants to profile "
                    "(top kernels and device idle time), instead of timing the ladder")
     args = p.parse_args(argv)
+    for names in (args.variants, args.profile):
+        if names:
+            try:
+                variant_names(names)
+            except ValueError as err:
+                p.error(str(err))
+    if args.windows < 1 or args.steps < 1:
+        p.error("--windows and --steps must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -502,9 +592,15 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.check:
         run_checks(args, s, device)
-    best = run_ladder(args, s, device)
-    if args.e2e and max(args.batch) in best:
-        run_e2e(args, s, device, best[max(args.batch)])
+    measured = run_ladder(args, s, device)
+    variant = "dino_core+compile" if args.compile else "dino_core"
+    if args.e2e:
+        synthetic = measured.get((variant, max(args.batch)))
+        if synthetic is None:
+            emit({"bench": "e2e", "variant": variant, "error": f"{variant} was not timed at "
+                  f"batch {max(args.batch)}: no synthetic rate to compare with"})
+        else:
+            run_e2e(args, s, device, synthetic, variant)
 
 
 if __name__ == "__main__":

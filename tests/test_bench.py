@@ -1,5 +1,6 @@
-"""The step benchmark runs on CPU at CI size and prints its ratios; compiled backbones keep
-their parameter names and compute what the eager ones compute."""
+"""The step benchmark runs on CPU at CI size and prints, per variant, the median and spread of
+its windows and ratios of medians; compiled backbones keep their parameter names and compute
+what the eager ones compute."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from dino_core.models import build_backbone, compile_backbone
@@ -15,10 +17,18 @@ from dino_core.models import build_backbone, compile_backbone
 REPO = Path(__file__).resolve().parents[1]
 
 
+def assert_median_and_spread(record: dict, key: str) -> None:
+    """``key`` is a median within its ``key_spread`` = [min, max]."""
+    low, high = record[f"{key}_spread"]
+    assert 0 < low <= record[key] <= high, (key, record)
+
+
+@pytest.mark.integration  # a whole benchmark program, in its smallest mode
+@pytest.mark.budget(240)
 def test_step_benchmark_prints_every_lever_with_ratios_and_numerics():
     out = subprocess.run(
         [sys.executable, "bench/step.py", "--setting", "small", "--batch", "8", "--steps", "1",
-         "--warmup", "1", "--check", "--e2e", "32", "--e2e-packed"],
+         "--windows", "3", "--warmup", "1", "--check", "--e2e", "32", "--e2e-packed"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -28,9 +38,19 @@ def test_step_benchmark_prints_every_lever_with_ratios_and_numerics():
     assert list(steps) == ["reference", "+sdpa", "+fused_adamw", "+foreach", "+dino_loss",
                            "+no_sync", "dino_core"]
     assert steps["reference"]["ratio"] == 1.0
+    assert steps["reference"]["ratio_spread"] == [1.0, 1.0]
     for r in steps.values():
-        assert r["img_per_s"] > 0 and r["step_ms"] > 0 and r["tflops"] > 0 and r["ratio"] > 0
-        assert abs(r["ratio"] - r["img_per_s"] / steps["reference"]["img_per_s"]) < 0.01
+        assert r["windows"] == 3 and r["steps_per_window"] == 1 and r["warmup_steps"] == 1
+        assert r["ratio_base"] == "reference"
+        assert_median_and_spread(r, "img_per_s")
+        assert_median_and_spread(r, "step_ms")
+        assert r["tflops"] > 0 and r["ratio"] > 0
+        # medians of 3 windows: the median rate is 8 images over the median step time
+        assert r["img_per_s"] == pytest.approx(8e3 / r["step_ms"], rel=0.01)
+        assert r["ratio"] == pytest.approx(r["img_per_s"] / steps["reference"]["img_per_s"],
+                                           abs=0.01)
+        low, high = r["ratio_spread"]
+        assert 0 < low <= high
     checks = {r["check"]: r for r in records if "check" in r}
     assert set(checks) == {"fp32_reference_vs_ours", "bf16_fast_vs_fp32_plain",
                            "packed_chunked_fp32_vs_fp32_plain",
@@ -41,13 +61,20 @@ def test_step_benchmark_prints_every_lever_with_ratios_and_numerics():
     folder, packed = [r for r in records if r.get("bench") == "e2e"]
     assert "folder" in folder["source"] and "packed" in packed["source"]
     for e2e in (folder, packed):
-        assert e2e["img_per_s"] > 0 and e2e["ratio_vs_synthetic"] > 0
+        assert e2e["variant"] == "dino_core"
+        assert_median_and_spread(e2e, "img_per_s")
+        assert_median_and_spread(e2e, "synthetic_img_per_s")
+        assert e2e["synthetic_img_per_s"] == steps["dino_core"]["img_per_s"]
+        assert e2e["ratio_vs_synthetic"] == pytest.approx(
+            e2e["img_per_s"] / e2e["synthetic_img_per_s"], abs=0.01)
 
 
+@pytest.mark.integration  # a whole benchmark program, in its smallest mode
+@pytest.mark.budget(90)
 def test_step_benchmark_times_named_levers_and_profiles():
     out = subprocess.run(
         [sys.executable, "bench/step.py", "--setting", "small", "--batch", "4", "--steps", "1",
-         "--warmup", "1", "--variants",
+         "--windows", "2", "--warmup", "1", "--variants",
          "dino_core,dino_core+packed_sdpa,dino_core+chunked,dino_core+ckpt,dino_core+fp8"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
@@ -56,7 +83,9 @@ def test_step_benchmark_times_named_levers_and_profiles():
     timed = {r["variant"]: r for r in records if "img_per_s" in r}
     assert list(timed) == ["dino_core", "dino_core+packed_sdpa", "dino_core+chunked",
                            "dino_core+ckpt"] + (["dino_core+fp8"] if len(timed) == 5 else [])
-    assert all(r["img_per_s"] > 0 for r in timed.values())
+    for r in timed.values():
+        assert r["windows"] == 2 and r["ratio_base"] == "dino_core"
+        assert_median_and_spread(r, "img_per_s")
     errors = [r for r in records if "error" in r]
     assert all(r["variant"] == "dino_core+fp8" and "torchao" in r["error"] for r in errors)
     prof = subprocess.run(
@@ -67,6 +96,7 @@ def test_step_benchmark_times_named_levers_and_profiles():
     assert row["top"] and row["top"][0]["ms_per_step"] > 0
 
 
+@pytest.mark.budget(30)
 def test_compiled_vit_keeps_names_and_matches_eager(one_torch_thread):
     torch.manual_seed(0)
     eager = build_backbone("vit_tiny", 8, 16, drop_path_rate=0.0, depth=2)

@@ -3,6 +3,7 @@ teacher away from both collapse modes (entropy 0 and log K)."""
 
 import math
 
+import pytest
 import torch
 
 from dino_core import (
@@ -20,6 +21,7 @@ from dino_core.data.collate import collate_multicrop
 from dino_core.data.procedural import ProceduralShapes
 
 
+@pytest.mark.budget(45)
 def test_short_run_lowers_loss_without_collapse():
     torch.manual_seed(0)
     k, batch, steps = 256, 32, 40

@@ -3,6 +3,7 @@
 import os
 import tempfile
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -31,6 +32,7 @@ def _worker(rank: int, world: int, init_file: str, teacher: torch.Tensor, out_di
         dist.destroy_process_group()
 
 
+@pytest.mark.budget(20)
 def test_center_is_global_batch_mean():
     torch.manual_seed(0)
     world, k = 2, 32

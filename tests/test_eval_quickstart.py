@@ -1,42 +1,42 @@
-"""The evaluation suite's acceptance on a real run: the quickstart preset trained to the end
-(its 768 steps, in this process: the loop is the one Ray runs, and Ray adds nothing to what
-is learned), then ``dino eval knn``, ``dino eval linear`` and ``dino attention --jaccard`` of
-its teacher against a randomly initialised backbone of the same shape (``--weights random``),
-through the command line's own entry point in this process.
+"""The evaluation suite's acceptance on a real run: ``dino train --preset quickstart`` (local
+Ray, its embedded defaults), then ``dino eval knn``, ``dino eval linear`` and ``dino attention
+--jaccard`` of its teacher against a randomly initialised backbone of the same shape
+(``--weights random``), the evaluations through the command line's entry point in this
+process (six commands: ~1 minute of imports saved).
 
 The margins are well inside what was measured (see the closing note of the evaluation issue):
 on 2 CPU cores the quickstart sees ~25k crops, enough for shape features, not for a
-converged backbone. The README's first command itself (``dino train --preset quickstart``,
-local Ray) is run from a fresh clone before each release; the CLI and Ray path of training
-is tested with smaller runs (test_first_hour_runs, test_service_train).
+converged backbone. The run is the README's first command itself, under Ray: trained in
+process instead (the same loop, 2 threads, no Ray), its k-NN was 61.5% against 62.7%, too
+close to the +6 margin over the random backbone's 55.7%.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
+from conftest import private_ray_tmpdir
+from test_service_train import dino
 
-from service.config import load_config
 from service.storage import checkpoints as ckpt
-from service.tracking import NullTracker
-from service.train.context import InProcessContext
-from service.train.loop import Loop
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def quickstart(tmp_path_factory) -> str:
-    """The newest checkpoint of the quickstart preset's run, exactly as configured (only the
-    storage root moved into the test's folder, and tracking off)."""
-    root = tmp_path_factory.mktemp("quickstart") / "runs"
-    cfg = load_config("quickstart", overrides=[f"storage.root={root}", "tracking.enabled=false"])
-    run_url = str(root / cfg.run_name)
-    Loop(cfg, InProcessContext(run_url, cfg.train.keep_last), run_url, NullTracker()).run()
-    found = ckpt.load_latest_valid(ckpt.checkpoint_dirs(run_url))
-    assert found is not None and found[1]["global_step"] == 768
-    return str(found[0])
+def quickstart(tmp_path_factory) -> Iterator[str]:
+    """The newest checkpoint of a quickstart run, trained exactly as the README's first command
+    does (only the storage root, and with it MLflow's file, moved into the test's folder)."""
+    root = tmp_path_factory.mktemp("quickstart")
+    with private_ray_tmpdir() as ray_dir:
+        out = dino("train", "--preset", "quickstart", f"storage.root={root / 'runs'}",
+                   env={"RAY_TMPDIR": str(ray_dir)}, timeout=1200)
+    found = ckpt.load_latest_valid(ckpt.checkpoint_dirs(str(root / "runs" / "quickstart")))
+    assert found is not None and found[1]["global_step"] == 768, out.stdout[-3000:]
+    print(out.stdout[-1500:])
+    yield str(found[0])
 
 
 def dino_json(capsys, *args: str) -> dict:
@@ -51,7 +51,7 @@ def both(capsys, *args: str) -> tuple[dict, dict]:
     return dino_json(capsys, *args), dino_json(capsys, *args, "--weights", "random")
 
 
-@pytest.mark.budget(420)
+@pytest.mark.budget(720)
 def test_knn_of_the_trained_teacher_is_far_above_a_random_backbone(quickstart, capsys):
     """(Its budget holds the quickstart's training, ~4 minutes: the module's fixture.)"""
     trained, random = both(capsys, "eval", "knn", "--checkpoint", quickstart, "--train",
@@ -63,7 +63,7 @@ def test_knn_of_the_trained_teacher_is_far_above_a_random_backbone(quickstart, c
     assert trained["top1"] >= random["top1"] + 6  # measured: 62.7% vs 55.7%
 
 
-@pytest.mark.budget(90)
+@pytest.mark.budget(420)
 def test_linear_probe_of_the_trained_teacher_is_far_above_a_random_backbone(quickstart, capsys):
     trained, random = both(capsys, "eval", "linear", "--checkpoint", quickstart, "--train",
                            "procedural", "--val", "procedural", "--image-size", "32",
@@ -74,7 +74,7 @@ def test_linear_probe_of_the_trained_teacher_is_far_above_a_random_backbone(quic
     assert trained["top1"] >= random["top1"] + 10  # measured: 58.7% vs 43.8%
 
 
-@pytest.mark.budget(60)
+@pytest.mark.budget(120)
 def test_best_head_mask_jaccard_beats_a_random_backbone(quickstart, capsys):
     trained, random = both(capsys, "attention", "--checkpoint", quickstart, "--jaccard", "200")
     t, r = trained["jaccard"], random["jaccard"]

@@ -343,6 +343,7 @@ def _run(capsys, argv):
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.budget(20)
 def test_cli_retrieval_procedural_and_folder(checkpoint, tmp_path, capsys, one_torch_thread):
     base = ["eval", "retrieval", "--checkpoint", checkpoint, "--json", "--device", "cpu"]
     res = _run(capsys, [*base, "--weights", "random", "--instances", "4",
@@ -369,6 +370,7 @@ def test_cli_retrieval_procedural_and_folder(checkpoint, tmp_path, capsys, one_t
     assert "--data: no folder" in capsys.readouterr().err
 
 
+@pytest.mark.budget(20)
 def test_cli_copydetect_procedural_and_folder(checkpoint, tmp_path, capsys, one_torch_thread):
     base = ["eval", "copydetect", "--checkpoint", checkpoint, "--json", "--device", "cpu"]
     res = _run(capsys, [*base, "--weights", "random", "--originals", "4", "--copies", "1",
@@ -387,6 +389,7 @@ def test_cli_copydetect_procedural_and_folder(checkpoint, tmp_path, capsys, one_
     assert res["map"] == res["by_block"]["strong"]
 
 
+@pytest.mark.budget(30)
 def test_cli_logs_both_metrics_to_the_checkpoints_mlflow_run(checkpoint, tmp_path, capsys,
                                                              one_torch_thread):
     from mlflow.tracking import MlflowClient

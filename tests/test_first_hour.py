@@ -107,6 +107,7 @@ def quick_run(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------------------- 3: unreadable data
 
 
+@pytest.mark.budget(25)
 def test_a_folder_of_unreadable_files_fails_before_ray(tmp_path):
     folder = tmp_path / "junk"
     folder.mkdir()
@@ -175,6 +176,7 @@ def test_a_reused_run_name_with_another_model_fails_before_ray(quick_run, here):
     one_line(rc, err, set(), 2, "run 'quick'", "model.depth: 1 there, 2 here", "run_name=")
 
 
+@pytest.mark.budget(25)
 def test_storage_without_credentials_fails_naming_the_url(tmp_path):
     env: dict[str, str | None] = {k: None for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                            "AWS_PROFILE")}
@@ -189,6 +191,7 @@ def test_storage_without_credentials_fails_naming_the_url(tmp_path):
 # ---------------------------------------------------------------------------- 5: eval knn
 
 
+@pytest.mark.budget(25)
 def test_knn_of_an_exported_file_uses_the_runs_data_and_image_size(quick_run, tmp_path, capsys):
     from service.cli import main
 
@@ -229,6 +232,7 @@ def test_knn_matches_class_folders_by_name_and_refuses_disjoint_ones(quick_run, 
     assert "share no class" in capsys.readouterr().err
 
 
+@pytest.mark.budget(30)
 def test_knn_bad_arguments_are_one_line(quick_run, tmp_path, here, capsys):
     run = str(quick_run / "quick")
     base = ("eval", "knn", "--checkpoint", run, "--num-workers", "0")
@@ -252,6 +256,7 @@ def test_knn_bad_arguments_are_one_line(quick_run, tmp_path, here, capsys):
 # ---------------------------------------------------------------------------- one line, not a traceback
 
 
+@pytest.mark.budget(30)
 def test_tracebacks_become_one_line(quick_run, tmp_path, here):
     run = str(quick_run / "quick")
     bad_yaml = tmp_path / "bad.yaml"
@@ -298,6 +303,7 @@ def test_dino_config_shows_that_train_names_each_run():
     assert rc == 0 and out.startswith("run_name: dino-<UTC time>-<hex>  # a fresh name")
 
 
+@pytest.mark.budget(20)
 def test_dino_data_counts_images_and_says_its_settings(tmp_path):
     rc, out, _, _ = dino("data", "--out", str(tmp_path / "d"), "--n", "12", "--preset",
                          "quickstart")
@@ -307,6 +313,7 @@ def test_dino_data_counts_images_and_says_its_settings(tmp_path):
     assert len(list((tmp_path / "d").rglob("*.png"))) == 12
 
 
+@pytest.mark.budget(25)
 def test_reversed_search_bounds_are_refused_before_ray(tmp_path):
     rc, _, err, imported = dino("tune", "--preset", "quickstart",
                                 "--param", "optim.lr=loguniform:1e-2,1e-4",

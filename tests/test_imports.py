@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 FORBIDDEN = ("ray", "mlflow", "fsspec", "s3fs", "boto3", "botocore", "gcsfs")
 
 
+@pytest.mark.budget(25)
 def test_dino_core_imports_no_service_dependencies():
     code = (
         "import sys, dino_core, dino_core.data, dino_core.eval, dino_core.augment;"
@@ -18,6 +21,7 @@ def test_dino_core_imports_no_service_dependencies():
     assert out.stdout.strip() == "", f"dino_core pulled in: {out.stdout.strip()}"
 
 
+@pytest.mark.budget(25)
 def test_dino_core_names_load_lazily_and_config_needs_no_torch():
     code = (
         "import sys, service.config, dino_core;"

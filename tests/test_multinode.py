@@ -114,6 +114,7 @@ def steps_logged(text: str) -> list[int]:
     return seen
 
 
+@pytest.mark.budget(150)
 def test_local_storage_is_refused_on_a_multi_node_cluster(cluster, tmp_path):
     out = subprocess.run(run_cmd(cluster, str(tmp_path), "local"), cwd=REPO,
                          env={**os.environ, **cluster.client_env()}, capture_output=True,
@@ -124,6 +125,7 @@ def test_local_storage_is_refused_on_a_multi_node_cluster(cluster, tmp_path):
     assert not list(tmp_path.glob("local/checkpoint_*"))
 
 
+@pytest.mark.budget(300)
 def test_a_lost_node_costs_at_most_the_checkpoint_interval(cluster, s3_server):
     """Workers on two different nodes; the node of rank 1 is killed (its whole process
     group) after the step-4 checkpoint. The group restarts on the third node from the newest
@@ -163,6 +165,7 @@ def test_a_lost_node_costs_at_most_the_checkpoint_interval(cluster, s3_server):
     assert "step 24/24" in text
 
 
+@pytest.mark.budget(300)
 def test_sigterm_to_a_worker_checkpoints_the_current_step_and_loses_none(cluster, s3_server):
     """SIGTERM to rank 1's process: every rank checkpoints the step in progress, leaves, and
     the restarted group resumes exactly there (no checkpoint interval: only epochs)."""
@@ -194,6 +197,7 @@ def test_sigterm_to_a_worker_checkpoints_the_current_step_and_loses_none(cluster
     assert "step 32/32" in text
 
 
+@pytest.mark.budget(480)
 def test_an_elastic_group_grows_and_shrinks_without_repeating_a_step(cluster, s3_server):
     """ray.num_workers=2-3 on two nodes: a third node joins and the group grows to 3 (after
     a checkpoint of the step in progress, asked by the resize hook); that node is then
@@ -248,6 +252,7 @@ def test_an_elastic_group_grows_and_shrinks_without_repeating_a_step(cluster, s3
     assert steps_logged(text) == list(range(1, stopped + 1))  # no gap, no step twice
 
 
+@pytest.mark.budget(360)
 def test_a_sweep_trial_whose_node_is_lost_resumes_from_its_own_checkpoint(cluster, s3_server):
     """One trial of ``dino tune`` (its driver on the head, its worker on a worker node): the
     worker's node is killed after the trial's step-4 checkpoint; the trial's group restarts

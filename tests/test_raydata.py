@@ -112,6 +112,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.budget(90)
 def test_packed_shards_give_every_image_with_its_label(ray_local, packed):
     rows = ray_dataset(str(packed), SIZE).take_all()
     check_rows(rows, 40)
@@ -124,6 +125,7 @@ def test_packed_shards_give_every_image_with_its_label(ray_local, packed):
 
 
 @pytest.mark.integration
+@pytest.mark.budget(60)
 def test_folder_labels_by_folder_and_drops_the_unreadable_file(ray_local, folder):
     rows = ray_dataset(str(folder), SIZE).take_all()
     check_rows(rows, 11)  # 12 listed, broken.jpg dropped; notes.txt never listed
@@ -131,6 +133,7 @@ def test_folder_labels_by_folder_and_drops_the_unreadable_file(ray_local, folder
     assert count_images(str(folder)) == 12  # so: 1 skipped
 
 
+@pytest.mark.budget(30)
 def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(folder, caplog):
     """The decode step alone, as Ray runs it in a task."""
     paths = [folder / "ant" / "000.jpg", folder / "bee" / "broken.jpg", folder / ".x.jpg"]
@@ -145,6 +148,7 @@ def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(folder, caplog)
     assert list(_Decode(SIZE, [], None, str(folder))({k: v[1:2] for k, v in batch.items()})) == []
 
 
+@pytest.mark.budget(30)
 def test_classes_the_given_list_lacks_fail_before_reading(folder):
     with pytest.raises(DataError, match="bee"):
         ray_dataset(str(folder), SIZE, classes=["ant"])
@@ -153,6 +157,7 @@ def test_classes_the_given_list_lacks_fail_before_reading(folder):
 
 
 @pytest.mark.integration
+@pytest.mark.budget(60)
 def test_train_batches_yields_exactly_steps_batches_or_fails(ray_local, packed):
     ds = ray_dataset(str(packed), SIZE).materialize()
     got = list(train_batches(ds, local_batch=8, steps=4))
@@ -166,6 +171,7 @@ def test_train_batches_yields_exactly_steps_batches_or_fails(ray_local, packed):
 
 
 @pytest.mark.integration
+@pytest.mark.budget(60)
 def test_equal_streaming_split_gives_each_worker_floor_of_rows(ray_local, folder):
     """What Ray Train's default DataConfig does with ``datasets={"train": ds}``: 11 readable
     images over 2 workers are 5 each, the 11th truncated."""
@@ -184,6 +190,7 @@ def test_equal_streaming_split_gives_each_worker_floor_of_rows(ray_local, folder
 
 
 @pytest.mark.integration
+@pytest.mark.budget(90)
 def test_s3_packed_set_and_folder(ray_local, s3_server, packed, folder):
     bucket = s3_server.new_bucket("raydata")
     upload_dir(packed, f"s3://{bucket}/packed")

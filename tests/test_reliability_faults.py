@@ -57,7 +57,7 @@ def all_finite(state: dict) -> bool:
 
 
 @pytest.mark.integration
-@pytest.mark.budget(75)
+@pytest.mark.budget(150)
 def test_nan_loss_under_ray_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     tmp_path, ray_tmp
 ):
@@ -155,7 +155,7 @@ def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
 
 
 @pytest.mark.integration
-@pytest.mark.budget(120)
+@pytest.mark.budget(200)
 def test_killed_worker_is_restarted_and_resumes_from_the_last_checkpoint(
     tmp_path, ray_tmp
 ):

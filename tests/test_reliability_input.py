@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,7 @@ def _loop(cfg, name: str, root: Path, tracker=None):
     return loop
 
 
+@pytest.mark.budget(30)
 def test_train_on_a_messy_folder_counts_and_names_skipped_files(messy_folder, tmp_path, capfd):
     """One epoch of two steps sees every file once; decoding happens in a DataLoader worker
     process, whose warnings name each skipped file (a stderr handler, as a worker process's
@@ -272,16 +274,28 @@ def test_run_lock_refuses_a_second_driver_and_dies_with_its_holder(tmp_path):
         assert lock is not None and f"pid {os.getpid()} " in lock.read_text()
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    """``dino train ARGS``, importing under ``-X importtime`` (what it imported is on stderr)."""
-    return subprocess.Popen(
-        [sys.executable, "-X", "importtime", "-m", "service.cli", "train", *args],
-        cwd=REPO,
-        env={**os.environ, "RAY_ADDRESS": ""},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@dataclass
+class Driver:
+    """A ``dino train`` process (``-X importtime``: what it imported is on stderr) whose
+    output goes to files, so that no pipe fills up while the test waits on something else."""
+
+    proc: subprocess.Popen
+    out: Path
+    err: Path
+
+    @classmethod
+    def start(cls, args: list[str], logs: Path) -> Driver:
+        logs.mkdir(parents=True)
+        out, err = logs / "stdout", logs / "stderr"
+        with open(out, "w") as o, open(err, "w") as e:
+            proc = subprocess.Popen(
+                [sys.executable, "-X", "importtime", "-m", "service.cli", "train", *args],
+                cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""}, stdout=o, stderr=e, text=True)
+        return cls(proc, out, err)
+
+    def result(self, timeout: float) -> tuple[int, str, str]:
+        self.proc.wait(timeout=timeout)
+        return self.proc.returncode, self.out.read_text(), self.err.read_text()
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -296,7 +310,7 @@ def _snapshot_names(run_dir: Path) -> set[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.budget(120)
+@pytest.mark.budget(240)
 def test_concurrent_drivers_on_one_storage_root_never_share_a_run_directory(tmp_path, module_ray):
     """`dino train` drivers at once on one storage root, of the module's shared cluster: two
     without a run name (started together), and two with the same one: the second is started
@@ -313,23 +327,24 @@ def test_concurrent_drivers_on_one_storage_root_never_share_a_run_directory(tmp_
               "train.stop_check_every_steps=1"]
     t0 = time.monotonic()
     procs = {
-        "unnamed1": _start(common),
-        "unnamed2": _start(common),
-        "winner": _start([*common, "run_name=shared", "train.epochs=1000",
-                          "train.checkpoint_every_epochs=0"]),
+        "unnamed1": Driver.start(common, tmp_path / "unnamed1"),
+        "unnamed2": Driver.start(common, tmp_path / "unnamed2"),
+        "winner": Driver.start([*common, "run_name=shared", "train.epochs=1000",
+                                "train.checkpoint_every_epochs=0"], tmp_path / "winner"),
     }
     lock = root / "shared" / LOCK_FILE
     deadline = time.monotonic() + 120
-    while not (lock.is_file() and f"pid {procs['winner'].pid} " in lock.read_text()):
-        assert time.monotonic() < deadline and procs["winner"].poll() is None, "no lock"
+    winner = procs["winner"]
+    while not (lock.is_file() and f"pid {winner.proc.pid} " in lock.read_text()):
+        if time.monotonic() > deadline or winner.proc.poll() is not None:
+            raise AssertionError(f"the first driver never held {lock}:\n"
+                                 f"{winner.err.read_text()[-3000:]}")
         time.sleep(0.2)
-    procs["loser"] = _start([*common, "run_name=shared"])
-    loser_out = procs["loser"].communicate(timeout=120)
+    procs["loser"] = Driver.start([*common, "run_name=shared"], tmp_path / "loser")
+    outs = {"loser": procs["loser"].result(timeout=120)}
     request_stop(str(root / "shared"), "the test is done")
-    outs = {"loser": (procs["loser"].returncode, *loser_out)}
     for name in ("unnamed1", "unnamed2", "winner"):
-        stdout, stderr = procs[name].communicate(timeout=400)
-        outs[name] = (procs[name].returncode, stdout, stderr)
+        outs[name] = procs[name].result(timeout=400)
     print(f"four drivers: {time.monotonic() - t0:.1f} s")
 
     # no run name: each driver picks a fresh one and keeps to its own directory
@@ -353,7 +368,7 @@ def test_concurrent_drivers_on_one_storage_root_never_share_a_run_directory(tmp_
     assert rc == 1 and "stopped on request" in stdout + stderr, stdout[-3000:] + stderr[-3000:]
     rc, _, message = outs["loser"]
     assert rc == 1, message[-3000:]
-    assert f"run 'shared' is being trained right now by pid {procs['winner'].pid} on " in message
+    assert f"run 'shared' is being trained right now by pid {winner.proc.pid} on " in message
     assert "another run_name=" in message
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in message.splitlines()
                 if ln.startswith("import time:")}

@@ -201,6 +201,7 @@ def _steps_in_bucket(out: S3Outage, run_name: str, tmp_path: Path) -> dict[int, 
 # ---------------------------------------------------------------------------- S3 outage
 
 
+@pytest.mark.budget(240)
 def test_s3_outage_during_training_is_waited_out(s3_outage, tmp_path, ray_tmp):
     """The proxy to S3 is killed at step ~3 of 24 and restarted 30 s later (longer than
     botocore's own retries bridge): the checkpoint upload that meets the outage is retried
@@ -246,6 +247,7 @@ def test_s3_outage_during_training_is_waited_out(s3_outage, tmp_path, ray_tmp):
 
 
 
+@pytest.mark.budget(180)
 def test_s3_that_never_comes_back_fails_the_run_and_keeps_the_checkpoint(
     s3_outage, tmp_path, ray_tmp
 ):
@@ -282,6 +284,7 @@ def test_s3_that_never_comes_back_fails_the_run_and_keeps_the_checkpoint(
           f"(step {manifest['global_step']})")
 
 
+@pytest.mark.budget(60)
 def test_upload_file_waits_out_an_outage_or_keeps_the_file(s3_outage, tmp_path, monkeypatch):
     """``storage.upload_file`` (no Ray): through a 5 s outage the upload arrives; through one
     longer than ``storage.retry_seconds`` it fails naming the URL and keeps the file."""
@@ -330,7 +333,7 @@ def _loss_steps(tracking_uri: str, run_name: str) -> tuple[list[int], str]:
     return [x.step for x in history], found.info.status
 
 
-@pytest.mark.budget(60)
+@pytest.mark.budget(150)
 def test_mlflow_server_killed_mid_run_buffers_and_flushes_after_restart(
     tmp_path, caplog, one_torch_thread
 ):
@@ -417,6 +420,7 @@ print("run", Tracker.start(uri, "dino", name, None).run_id)
 """
 
 
+@pytest.mark.budget(150)
 def test_two_first_runs_on_a_fresh_sqlite_store_both_start(tmp_path):
     """Two processes start the first runs of a fresh ``sqlite:///`` store at the same moment
     (real MLflow: both create its tables); without the lock in Tracker.start one of them

@@ -13,6 +13,7 @@ from service.data import RemoteImageFolder
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.budget(90)
 def test_remote_and_local_folders_are_one_behaviour(s3_server, tmp_path):
     import s3fs
 

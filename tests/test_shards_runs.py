@@ -41,6 +41,7 @@ def packed(s3_server, module_ray, tmp_path_factory) -> str:
     return url
 
 
+@pytest.mark.budget(180)
 def test_pack_into_the_bucket_counts_and_reports_unreadable_files(packed):
     import fsspec
 
@@ -56,6 +57,7 @@ def _keys(trace: Path, epoch: int) -> list[str]:
             for k in f.read_text().split()]
 
 
+@pytest.mark.budget(150)
 def test_two_workers_each_read_their_shards_once_per_epoch(packed, module_ray, tmp_path):
     trace = tmp_path / "trace"
     out = dino("train", *RUN, f"data.path={packed}", f"storage.root={tmp_path}",
@@ -83,6 +85,7 @@ def _losses(db: Path, run_name: str) -> dict[int, float]:
     return dict(rows)
 
 
+@pytest.mark.budget(360)
 def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(packed, module_ray, tmp_path):
     """The whole job preempted mid-epoch: driver, its own local Ray and the worker killed
     together (SIGKILL to the process group); the same command resumes, and its losses are
@@ -107,6 +110,7 @@ def test_a_run_killed_mid_epoch_resumes_with_the_same_losses(packed, module_ray,
     assert killed == straight  # the same floats, step by step
 
 
+@pytest.mark.budget(60)
 def test_a_damaged_shard_is_skipped_and_named(packed, tmp_path, caplog, capfd):
     """In process (the streaming reader's own handling; Ray only forwards the lines), from the
     bucket: a shard cut to a third is named, its images counted as unreadable."""
@@ -136,6 +140,7 @@ def test_a_damaged_shard_is_skipped_and_named(packed, tmp_path, caplog, capfd):
     assert f"skipped {victim.num_images} unreadable images" in text
 
 
+@pytest.mark.budget(150)
 def test_the_ray_data_loader_trains_and_its_checkpoint_loads(packed, module_ray, tmp_path):
     out = dino("train", *RUN, f"data.path={packed}", f"storage.root={tmp_path}",
                f"ray.address={module_ray.address}",

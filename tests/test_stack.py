@@ -71,6 +71,7 @@ def _running(pids: set[int]) -> list[int]:
     return [pid for pid in pids if alive(pid)]
 
 
+@pytest.mark.budget(30)
 def test_s3_put_get(s3_server):
     import s3fs
 
@@ -82,6 +83,7 @@ def test_s3_put_get(s3_server):
     assert fs.ls(f"{bucket}/a") == [f"{bucket}/a/b.bin"]
 
 
+@pytest.mark.budget(30)
 def test_s3_stop_leaves_no_process(tmp_path):
     s3 = stack.start_s3(tmp_path)
     urllib.request.urlopen(s3.endpoint_url, timeout=5).close()
@@ -91,6 +93,7 @@ def test_s3_stop_leaves_no_process(tmp_path):
         urllib.request.urlopen(s3.endpoint_url, timeout=5)
 
 
+@pytest.mark.budget(90)
 def test_mlflow_run_metric_and_proxied_artifact(mlflow_server, tmp_path):
     import s3fs
     from mlflow import MlflowClient
@@ -114,6 +117,7 @@ def test_mlflow_run_metric_and_proxied_artifact(mlflow_server, tmp_path):
     assert [p for p in stored if p.endswith(f"{run_id}/artifacts/note.txt")]
 
 
+@pytest.mark.budget(120)
 def test_ray_job_api_with_token(ray_head):
     from ray.job_submission import JobSubmissionClient
 
@@ -132,6 +136,7 @@ def short_tmp() -> Iterator[str]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.budget(180)
 def test_up_down_through_state_file(tmp_path, short_tmp):
     """`up` in one process, a client with only the printed exports, `down` in another."""
     state = tmp_path / "stack"

@@ -106,6 +106,7 @@ def _alive_actors(ray_head, ray_job_id: str) -> list[str]:
 
 
 @pytest.mark.integration
+@pytest.mark.budget(480)
 def test_submit_train_job_then_stop_a_long_one(ray_head, s3_server, mlflow_server):
     import s3fs
     from mlflow.tracking import MlflowClient

@@ -11,6 +11,7 @@ from test_service_train import TINY, dino
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.budget(480)
 def test_sweep_2x2_with_collapse(s3_server, mlflow_server):
     import s3fs
     from mlflow.tracking import MlflowClient
