@@ -51,6 +51,7 @@ def recorded_commands(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in record.read_text().splitlines()]
 
 
+@pytest.mark.budget(20)  # run alone, it imports bench/step.py (torch, timm): 5-10 s of it
 def test_gpu_check_parses_and_names_only_options_that_exist(tmp_path):
     syntax = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
