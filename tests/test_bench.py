@@ -45,10 +45,14 @@ def test_step_benchmark_prints_every_lever_with_ratios_and_numerics():
         assert_median_and_spread(r, "img_per_s")
         assert_median_and_spread(r, "step_ms")
         assert r["tflops"] > 0 and r["ratio"] > 0
-        # medians of 3 windows: the median rate is 8 images over the median step time
-        assert r["img_per_s"] == pytest.approx(8e3 / r["step_ms"], rel=0.01)
-        assert r["ratio"] == pytest.approx(r["img_per_s"] / steps["reference"]["img_per_s"],
-                                           abs=0.01)
+        # medians of 3 windows: the median rate is 8 images over the median step time; rates
+        # are printed to 0.1 img/s, which is several per cent of a rate on a busy machine
+        # (a reference step of 7 s: 1.1 img/s), so the tolerances carry that rounding
+        half = 0.05
+        assert abs(r["img_per_s"] - 8e3 / r["step_ms"]) <= half + 0.01 * r["img_per_s"]
+        ref = steps["reference"]["img_per_s"]
+        expected = r["img_per_s"] / ref
+        assert abs(r["ratio"] - expected) <= 0.01 + expected * (half / r["img_per_s"] + half / ref)
         low, high = r["ratio_spread"]
         assert 0 < low <= high
     checks = {r["check"]: r for r in records if "check" in r}
@@ -65,8 +69,9 @@ def test_step_benchmark_prints_every_lever_with_ratios_and_numerics():
         assert_median_and_spread(e2e, "img_per_s")
         assert_median_and_spread(e2e, "synthetic_img_per_s")
         assert e2e["synthetic_img_per_s"] == steps["dino_core"]["img_per_s"]
-        assert e2e["ratio_vs_synthetic"] == pytest.approx(
-            e2e["img_per_s"] / e2e["synthetic_img_per_s"], abs=0.01)
+        expected = e2e["img_per_s"] / e2e["synthetic_img_per_s"]
+        assert abs(e2e["ratio_vs_synthetic"] - expected) <= 0.01 + expected * (
+            0.05 / e2e["img_per_s"] + 0.05 / e2e["synthetic_img_per_s"])
 
 
 @pytest.mark.integration  # a whole benchmark program, in its smallest mode
