@@ -25,28 +25,19 @@ SMALL = ["model.depth=1", "data.procedural_size=64", "data.num_workers=0",
          "tracking.enabled=false"]  # fmt: skip
 
 
-def _start(args: tuple[str, ...], env: dict[str, str | None] | None = None,
-           cwd: Path | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-X", "importtime", "-m", "service.cli", *args], cwd=cwd or REPO,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={k: v for k, v in {**os.environ, "RAY_ADDRESS": "", **(env or {})}.items()
-             if v is not None},  # None: unset
-    )  # fmt: skip
-
-
-def _result(proc: subprocess.Popen, timeout: int = 300) -> tuple[int, str, str, set[str]]:
-    out, err = proc.communicate(timeout=timeout)
-    imported = {ln.rsplit("|", 1)[-1].strip() for ln in err.splitlines()
-                if ln.startswith("import time:")}
-    err = "\n".join(ln for ln in err.splitlines() if not ln.startswith("import time:"))
-    return proc.returncode, out, err, imported
-
-
 def dino(*args: str, env: dict[str, str | None] | None = None, cwd: Path | None = None,
          timeout: int = 300) -> tuple[int, str, str, set[str]]:
     """``(rc, stdout, stderr without the import log, modules imported)`` of ``dino ARGS``."""
-    return _result(_start(args, env, cwd), timeout)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "service.cli", *args], cwd=cwd or REPO,
+        capture_output=True, text=True, timeout=timeout,
+        env={k: v for k, v in {**os.environ, "RAY_ADDRESS": "", **(env or {})}.items()
+             if v is not None},  # None: unset
+    )  # fmt: skip
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in out.stderr.splitlines()
+                if ln.startswith("import time:")}
+    err = "\n".join(ln for ln in out.stderr.splitlines() if not ln.startswith("import time:"))
+    return out.returncode, out.stdout, err, imported
 
 
 def one_line(rc: int, err: str, imported: set[str], code: int, *words: str) -> str:
