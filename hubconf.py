@@ -22,9 +22,9 @@ dependencies = ["torch", "timm"]
 
 
 def _backbone(arch: str, weights: str | None, pretrained: bool, **kwargs: Any) -> nn.Module:
-    from dino_core.export import load_backbone
+    from dino_core.interop.export import load_backbone
+    from dino_core.interop.reference_keys import backbone_meta, describe
     from dino_core.models.backbone import build_backbone
-    from dino_core.reference_keys import backbone_meta, describe
 
     if pretrained:
         raise ValueError("no downloads here: pass weights=PATH (a reference .pth, e.g. "

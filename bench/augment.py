@@ -6,10 +6,10 @@ does the whole per-image work of a DataLoader worker after decoding:
 
 - ``a_reference_v1_pil``: the reference DINO ``DataAugmentationDINO`` (torchvision v1 on PIL,
   PIL Gaussian blur and solarization, Python ``random``), the baseline of every ratio;
-- ``b_multicrop_v2``: :class:`dino_core.augment.MultiCropAugmentation`, per image;
+- ``b_multicrop_v2``: :class:`dino_core.augment.per_image.MultiCropAugmentation`, per image;
 - ``c_batched_cpu``: :func:`decode_to_canvas` of each image (resize and centre crop to a
   square uint8 canvas, ``pil_to_tensor``), stacked, then
-  :class:`dino_core.augment_batched.BatchedMultiCrop` on the batch: the canvases are made
+  :class:`dino_core.augment.batched.BatchedMultiCrop` on the batch: the canvases are made
   inside the timing;
 - ``canvas``: :func:`decode_to_canvas` alone, the part of ``c`` a loader worker does before
   collating (no ratio: it makes no crops);
@@ -47,8 +47,8 @@ import torch
 import torchvision.transforms as T1
 from PIL import Image, ImageFilter, ImageOps
 
-from dino_core.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
-from dino_core.augment_batched import BatchedMultiCrop, decode_to_canvas
+from dino_core.augment.batched import BatchedMultiCrop, decode_to_canvas
+from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from fair import alternate, fields, paired_ratios, rates  # noqa: E402

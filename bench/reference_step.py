@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino_core.ema import ema_update
-from dino_core.loss import DINOLoss
+from dino_core.losses.dino import DINOLoss
 from dino_core.optim import clip_gradients, param_groups
 
 

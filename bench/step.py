@@ -64,7 +64,7 @@ from dino_core import (  # noqa: E402
     ema_parameter_lists,
     train_step,
 )
-from dino_core.loss_chunked import chunked_dino_loss  # noqa: E402
+from dino_core.losses.dino_chunked import chunked_dino_loss  # noqa: E402
 from dino_core.models import compile_backbone as compile_backbone_  # noqa: E402
 
 
@@ -450,8 +450,8 @@ def run_e2e(args, s: Setting, device: torch.device, synthetic: list[float],
     """Encoded JPEGs -> DataLoader decode -> batched multi-crop on the device -> step; with
     ``--e2e-packed`` also: the same JPEGs packed into shards -> the streaming reader (encoded
     bytes) -> decode on the device (nvjpeg on CUDA) -> crops of each full image -> step."""
-    from dino_core.augment_batched import BatchedMultiCrop, ToCanvas
-    from dino_core.augment_full import full_image_views
+    from dino_core.augment.batched import BatchedMultiCrop, ToCanvas
+    from dino_core.augment.full import full_image_views
     from dino_core.data.collate import collate_multicrop
     from dino_core.data.folder import ImageFolder
 

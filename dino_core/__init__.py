@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 _WHERE = {
     "DINOHead": "dino_core.models",
-    "DINOLoss": "dino_core.loss",
+    "DINOLoss": "dino_core.losses.dino",
     "MultiCropSpec": "dino_core.specs",
     "MultiCropWrapper": "dino_core.models",
     "NetworkSpec": "dino_core.specs",
@@ -31,8 +31,8 @@ _WHERE = {
     "ema_parameter_lists": "dino_core.builder",
     "ema_update": "dino_core.ema",
     "knn_classify": "dino_core.knn",
-    "load_backbone": "dino_core.export",
-    "save_backbone": "dino_core.export",
+    "load_backbone": "dino_core.interop.export",
+    "save_backbone": "dino_core.interop.export",
     "teacher_stats": "dino_core.monitors",
     "train_step": "dino_core.step",
 }
@@ -66,9 +66,9 @@ __all__ = [
 if TYPE_CHECKING:
     from dino_core.builder import build_networks, ema_parameter_lists
     from dino_core.ema import ema_update
-    from dino_core.export import load_backbone, save_backbone
+    from dino_core.interop.export import load_backbone, save_backbone
     from dino_core.knn import knn_classify
-    from dino_core.loss import DINOLoss
+    from dino_core.losses.dino import DINOLoss
     from dino_core.models import DINOHead, MultiCropWrapper, build_backbone
     from dino_core.monitors import teacher_stats
     from dino_core.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients

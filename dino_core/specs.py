@@ -3,7 +3,7 @@
 Plain dataclasses without torch, so that a config can take its defaults from here and be
 checked in a process that never imports torch. ``NetworkSpec`` is built by
 ``dino_core.builder``, ``ScheduleSpec`` by ``dino_core.schedules`` and ``MultiCropSpec`` by
-the augmentations (``dino_core.augment``, ``dino_core.augment_batched``).
+the augmentations (``dino_core.augment.per_image``, ``dino_core.augment.batched``).
 """
 
 from __future__ import annotations

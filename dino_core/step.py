@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from dino_core.ema import ema_update
-from dino_core.loss import DINOLoss, identity
-from dino_core.loss_chunked import chunked_dino_loss
+from dino_core.losses.dino import DINOLoss, identity
+from dino_core.losses.dino_chunked import chunked_dino_loss
 from dino_core.monitors import teacher_stats
 from dino_core.optim import cancel_last_layer_gradients, clip_gradients
 
@@ -43,7 +43,7 @@ class StepConfig:
     # ``StepOutput.finite``, for the caller to check when it reads metrics anyway.
     defer_nonfinite_check: bool = False
     # the last layer, softmax and cross-entropy fused and chunked over K
-    # (``dino_core.loss_chunked``): the scores of the student are never materialised
+    # (``dino_core.losses.dino_chunked``): the scores of the student are never materialised
     fused_head_loss: bool = False
     loss_chunk: int = 8192
 

@@ -15,7 +15,7 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from dino_core.augment import (
+from dino_core.augment.per_image import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MultiCropAugmentation,

@@ -19,10 +19,8 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-import dino_core.augment_batched as ab
-from dino_core.augment import IMAGENET_MEAN, IMAGENET_STD
-from dino_core.augment import gaussian_blur as per_image_blur
-from dino_core.augment_batched import (
+import dino_core.augment.batched as ab
+from dino_core.augment.batched import (
     BatchedMultiCrop,
     ToCanvas,
     adjust_brightness,
@@ -35,6 +33,8 @@ from dino_core.augment_batched import (
     sample_boxes,
     solarize,
 )
+from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
+from dino_core.augment.per_image import gaussian_blur as per_image_blur
 from dino_core.data.collate import collate_multicrop
 from dino_core.data.procedural import ProceduralShapes
 

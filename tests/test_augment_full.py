@@ -23,10 +23,10 @@ import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageOps
 
-import dino_core.augment_batched as ab
-import dino_core.augment_full as af
-from dino_core.augment_batched import BatchedMultiCrop, sample_boxes, sample_boxes_sized
-from dino_core.augment_full import (
+import dino_core.augment.batched as ab
+import dino_core.augment.full as af
+from dino_core.augment.batched import BatchedMultiCrop, sample_boxes, sample_boxes_sized
+from dino_core.augment.full import (
     decode_images,
     full_image_views,
     pad_batch,
@@ -305,7 +305,7 @@ def test_png_and_cmyk_go_through_pillow_and_garbage_gives_none(monkeypatch, capl
     png, cmyk = _encode(rgba, "PNG"), _encode(_photo(40, 30, "CMYK"), quality=95)
     garbage = torch.tensor(list(b"<html>not an image</html>"), dtype=torch.uint8)
     truncated = _truncated_jpeg()
-    with caplog.at_level(logging.WARNING, logger="dino_core.augment_full"):
+    with caplog.at_level(logging.WARNING, logger="dino_core.augment.full"):
         out = decode_images([png, cmyk, garbage, truncated], "cpu")
     assert len(pillow_calls) == 4  # the truncated JPEG failed the fast decoder first
     assert torch.equal(out[0], _pillow(png)) and torch.equal(out[1], _pillow(cmyk))

@@ -16,7 +16,7 @@ from dino_core import (
     ema_parameter_lists,
     train_step,
 )
-from dino_core.augment import MultiCropAugmentation
+from dino_core.augment.per_image import MultiCropAugmentation
 from dino_core.data.collate import collate_multicrop
 from dino_core.data.procedural import ProceduralShapes
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_core.augment import eval_transform
+from dino_core.augment.per_image import eval_transform
 from dino_core.data.collate import collate_multicrop
 from dino_core.data.folder import ImageFolder, load_rgb
 from dino_core.data.procedural import (

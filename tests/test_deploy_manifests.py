@@ -285,7 +285,7 @@ def _dockerignore_excludes(patterns: list[str], path: str) -> bool:
         ("service/.pytest_cache/x", True),
         ("pyproject.toml", False),
         ("README.md", False),
-        ("dino_core/loss.py", False),
+        ("dino_core/losses/dino.py", False),
         ("service/presets/quickstart.yaml", False),
     ],
 )

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dino_core import NetworkSpec, build_networks
-from dino_core.augment import eval_transform
+from dino_core.augment.per_image import eval_transform
 from dino_core.data.procedural import ProceduralShapes
 from dino_core.eval.attention import (
     apply_colormap,

@@ -444,7 +444,7 @@ def test_cli_eval_video_on_a_davis_folder_with_an_exported_backbone(checkpoint, 
 
 
 def test_video_eval_refuses_a_resnet(tmp_path):
-    from dino_core.export import save_backbone
+    from dino_core.interop.export import save_backbone
     from dino_core.models.backbone import build_backbone
     from service.evaluate.video import video_eval
 

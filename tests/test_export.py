@@ -7,7 +7,7 @@ import timm
 import torch
 
 from dino_core import NetworkSpec, build_networks
-from dino_core.export import (
+from dino_core.interop.export import (
     backbone_state_from_checkpoint,
     load_backbone,
     read_metadata,

@@ -3,15 +3,15 @@
 Eq. 1-4): values, gradients w.r.t. the bottleneck and the last-layer weight, the center.
 
 That the chunked path never holds the ``(n_crops * B, K)`` scores is not asserted on the CPU;
-the memory formula is in ``dino_core/loss_chunked.py``.
+the memory formula is in ``dino_core/losses/dino_chunked.py``.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dino_core.loss import DINOLoss
-from dino_core.loss_chunked import ChunkedDINOLoss, chunked_dino_loss
+from dino_core.losses.dino import DINOLoss
+from dino_core.losses.dino_chunked import ChunkedDINOLoss, chunked_dino_loss
 from dino_core.models.head import DINOHead
 
 K = 1000

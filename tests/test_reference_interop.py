@@ -4,7 +4,7 @@ start from its weights (``train.init_from``).
 
 The reference files are built here from tiny models, by a naive generator of main_dino's and
 the released files' layouts written from the reference sources (``main_dino.py``,
-``utils.py``, ``vision_transformer.py``), independent of ``dino_core.reference_keys``.
+``utils.py``, ``vision_transformer.py``), independent of ``dino_core.interop.reference_keys``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from dino_core import NetworkSpec, build_networks
-from dino_core.export import load_backbone, save_backbone
+from dino_core.interop.export import load_backbone, save_backbone
+from dino_core.interop.reference import read_reference, reference_checkpoint, save_reference
 from dino_core.models.backbone import build_backbone
 from dino_core.models.packed import PackedMultiCropWrapper
-from dino_core.reference import read_reference, reference_checkpoint, save_reference
 from service.cli.main import main
 from service.config import backbone_meta, load_config, network_spec, to_yaml
 from service.errors import CheckpointError

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from test_service_train import TINY
 
-from dino_core.augment import eval_transform
+from dino_core.augment.per_image import eval_transform
 from dino_core.data.collate import collate_multicrop
 from dino_core.data.folder import ImageFolder, load_rgb
 from service import data

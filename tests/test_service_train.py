@@ -187,7 +187,7 @@ def _center_loop(config: dict) -> None:
     import ray.train.torch
 
     from dino_core import DINOLoss, build_networks, build_optimizer, ema_parameter_lists, train_step
-    from dino_core.loss import identity
+    from dino_core.losses.dino import identity
     from dino_core.step import StepConfig
     from service.train.collectives import all_reduce_mean
 

@@ -183,7 +183,7 @@ def test_not_a_packed_dataset_is_a_clear_error(tmp_path):
 
 
 def test_evaluation_splits_read_packed_data_whole(packed):
-    from dino_core.augment import eval_transform
+    from dino_core.augment.per_image import eval_transform
     from service.data import eval_loader, eval_split, num_classes
 
     _, dest = packed

@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from dino_core.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 from dino_core.eval.ranking import average_precision
 
 IMSIZE = 320  # the reference's --imsize (with ViT-B/8)

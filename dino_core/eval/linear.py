@@ -31,7 +31,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from dino_core.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 from dino_core.data.collate import collate_multicrop
 from dino_core.models.backbone import embed_dim_of
 from dino_core.models.vit_features import intermediate_features

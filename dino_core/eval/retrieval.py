@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 from torchvision.transforms import v2 as T
 
-from dino_core.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 from dino_core.eval.ranking import revisited_map
 
 SCALES = (1.0, 1 / math.sqrt(2), 0.5)

@@ -23,7 +23,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from dino_core.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 from dino_core.models.vit_features import patch_tokens
 
 AFFINITY_TEMPERATURE = 0.1  # the reference's exp(affinity / 0.1)

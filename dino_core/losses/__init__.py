@@ -1,4 +1,5 @@
-"""The losses of the DINOv2/DINOv3 recipe beside DINO's own: teacher centering (EMA or
+"""The losses: DINO's own (``dino``, and ``dino_chunked``, the last layer and the loss fused
+and chunked over K), and those of the DINOv2/DINOv3 recipe: teacher centering (EMA or
 Sinkhorn-Knopp), iBOT's masked-patch loss, the KoLeo regulariser and DINOv3's Gram anchoring.
 
 Every cross-process reduction is injected (a callable, identity by default), so each loss

@@ -62,7 +62,7 @@ class DINOHead(nn.Module):
         """The head without its last layer: features ``(N, in_dim)`` to the l2-normalised
         bottleneck ``z`` ``(N, bottleneck_dim)``; ``last_layer(bottleneck(x)) == forward(x)``.
 
-        A fused loss (``dino_core.loss_chunked``) takes ``z`` and ``last_layer_weight()`` and
+        A fused loss (``dino_core.losses.dino_chunked``) takes ``z`` and ``last_layer_weight()`` and
         never builds the ``(N, out_dim)`` scores.
         """
         return F.normalize(self.mlp(x), dim=-1, p=2)

@@ -26,7 +26,7 @@ class MultiCropWrapper(nn.Module):
         """Args: crops, a list of ``(B, 3, H_i, W_i)``. Returns ``(len(crops) * B, K)``; with
         ``split_last_layer``, ``(z, W)``: the l2-normalised bottleneck ``(len(crops) * B, d)``
         and the last layer's effective weight ``(K, d)`` (``z @ W.T`` are the scores), for a
-        fused loss that never materialises the scores (``dino_core.loss_chunked``). Both come
+        fused loss that never materialises the scores (``dino_core.losses.dino_chunked``). Both come
         out of this forward, so DDP sees every parameter used."""
         feats = self.features(crops)
         if split_last_layer:

@@ -40,7 +40,7 @@ def multicrop_spec(cfg: DinoConfig) -> MultiCropSpec:
 
 
 def backbone_meta(cfg: DinoConfig) -> dict[str, Any]:
-    """What ``dino_core.export`` stores beside the weights to rebuild the backbone."""
+    """What ``dino_core.interop.export`` stores beside the weights to rebuild the backbone."""
     return {"arch": cfg.model.arch, "patch_size": cfg.model.patch_size,
             "depth": cfg.model.depth, "img_size": cfg.aug.global_size,
             "pos_embed_interpolation": cfg.model.pos_embed_interpolation}

@@ -10,8 +10,8 @@ from dataclasses import asdict
 
 from torch.utils.data import Dataset
 
-from dino_core.augment import MultiCropAugmentation, eval_transform
-from dino_core.augment_batched import BatchedMultiCrop, ToCanvas
+from dino_core.augment.batched import BatchedMultiCrop, ToCanvas
+from dino_core.augment.per_image import MultiCropAugmentation, eval_transform
 from dino_core.data.folder import ImageFolder
 from dino_core.data.procedural import ProceduralShapes
 from service.config import (

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dino_core.augment_canvas import decode_to_canvas
+from dino_core.augment.canvas import decode_to_canvas
 from dino_core.data.folder import IMAGE_EXTENSIONS, ImageFiles, ImageFolder, load_rgb
 from service.data.remote import RemoteImageFolder
 from service.data.shards import is_packed, read_manifest

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dino_core.augment_canvas import ToCanvas
+from dino_core.augment.canvas import ToCanvas
 from dino_core.data.folder import load_rgb
 from service.data.shards import Manifest, Sample, read_samples, sha256_of
 from service.storage import get_fs, is_local, with_retries

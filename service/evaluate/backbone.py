@@ -1,5 +1,5 @@
 """Backbones of checkpoints, run folders and exported files, and their export: the storage
-layer around ``dino_core.export``."""
+layer around ``dino_core.interop.export``."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dino_core.export import backbone_state_from_checkpoint, read_metadata, save_backbone
-from dino_core.export import load_backbone as load_backbone_file
+from dino_core.interop.export import backbone_state_from_checkpoint, read_metadata, save_backbone
+from dino_core.interop.export import load_backbone as load_backbone_file
+from dino_core.interop.reference import read_reference
 from dino_core.models.backbone import build_backbone
-from dino_core.reference import read_reference
 from service import storage
 from service.config import DinoConfig
 from service.config.specs import CONFIG_KEY, run_metadata
@@ -102,7 +102,7 @@ def check_out(out: str, example: str = "backbone.safetensors") -> None:
 
 def export_backbone(checkpoint_uri: str, out: str, which: str = "teacher") -> str:
     """Writes the ``which`` backbone of a checkpoint (directory, run folder or a reference
-    DINO ``.pth``) as a safetensors file (``dino_core.export``), locally or to a URL."""
+    DINO ``.pth``) as a safetensors file (``dino_core.interop.export``), locally or to a URL."""
     if storage.is_local(out):
         check_out(out)
     if checkpoint_uri.endswith(".pth"):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from dino_core import knn_classify
-from dino_core.augment import eval_transform
+from dino_core.augment.per_image import eval_transform
 from dino_core.eval import extract_features
 from service import data
 from service.config import DinoConfig, parse_source

@@ -5,7 +5,7 @@ student in its key layout, ``args``, ``epoch``, ``dino_loss`` with the center), 
 reference's ``eval_knn.py``, ``eval_linear.py`` and ``visualize_attention.py`` read with
 ``--pretrained_weights checkpoint.pth --checkpoint_key teacher``. From an exported
 ``.safetensors``: the flat backbone file the reference publishes (``--pretrained_weights``
-alone). The layout is ``dino_core.reference``'s.
+alone). The layout is ``dino_core.interop.reference``'s.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from typing import Any
 
 from safetensors.torch import load_file
 
-from dino_core.reference import reference_backbone_state, reference_checkpoint, save_reference
+from dino_core.interop.reference import (
+    reference_backbone_state,
+    reference_checkpoint,
+    save_reference,
+)
 from service import storage
 from service.config import DinoConfig
 from service.evaluate.backbone import check_out, fetch_file, put_file

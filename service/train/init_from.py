@@ -23,10 +23,10 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from dino_core import reference_keys as keys
-from dino_core.export import backbone_state_from_checkpoint, read_metadata
+from dino_core.interop import reference_keys as keys
+from dino_core.interop.export import backbone_state_from_checkpoint, read_metadata
+from dino_core.interop.reference import read_reference
 from dino_core.models.backbone import reference_pos_embed
-from dino_core.reference import read_reference
 from service import storage
 from service.errors import CheckpointError
 from service.storage import checkpoints as ckpt

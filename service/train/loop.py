@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from dino_core import NonFiniteLossError, train_step
-from dino_core.augment_full import full_image_views
-from dino_core.export import backbone_state_from_checkpoint, save_backbone
+from dino_core.augment.full import full_image_views
+from dino_core.interop.export import backbone_state_from_checkpoint, save_backbone
 from service import data, storage
 from service.config import DinoConfig, backbone_meta, to_yaml
 from service.config.specs import run_metadata

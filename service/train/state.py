@@ -23,7 +23,7 @@ from dino_core import (
     build_schedules,
     ema_parameter_lists,
 )
-from dino_core.loss import identity
+from dino_core.losses.dino import identity
 from dino_core.models import compile_backbone
 from dino_core.models.packed import PackedMultiCropWrapper
 from service.config import DinoConfig, backbone_meta, network_spec, schedule_spec

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from dino_core.loss import DINOLoss
+from dino_core.losses.dino import DINOLoss
 
 
 def chunked_dino_loss(

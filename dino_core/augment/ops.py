@@ -1,13 +1,13 @@
 """Photometric ops on whole batches of ``(B, 3, H, W)`` float images in [0, 1], each with
 per-sample factors: the colour jitter, grayscale, blur and solarize of the batched multi-crop
-(``dino_core.augment_batched``), equal to torchvision's per-image ops."""
+(``dino_core.augment.batched``), equal to torchvision's per-image ops."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from dino_core.augment import BLUR_KERNEL
+from dino_core.augment.per_image import BLUR_KERNEL
 
 SOLARIZE_THRESHOLD_FLOAT = 0.5  # augment.py's SOLARIZE_THRESHOLD_UINT8 (128), on [0, 1]
 LUMA = (0.2989, 0.587, 0.114)  # ITU-R 601-2, torchvision's weights

@@ -1,5 +1,5 @@
 """Decoded images as fixed-size uint8 canvases (shorter side resized, then centre-cropped),
-so a DataLoader can stack them for :class:`dino_core.augment_batched.BatchedMultiCrop`."""
+so a DataLoader can stack them for :class:`dino_core.augment.batched.BatchedMultiCrop`."""
 
 from __future__ import annotations
 

@@ -1,11 +1,11 @@
 """DINO multi-crop augmentation for a whole batch at once, on any device.
 
-The per-image :class:`dino_core.augment.MultiCropAugmentation` runs in DataLoader workers at
+The per-image :class:`dino_core.augment.per_image.MultiCropAugmentation` runs in DataLoader workers at
 ~200 small images (2 x 32 + 4 x 16 px) per second per core, which leaves CPU training
 data-bound, and no number of CPU workers keeps an H100 fed at paper sizes. Here one call maps a
 uint8 batch ``(B, 3, H, W)`` to all ``2 + n_local`` views with the same distributions (Caron et
 al., 2021, Appendix D; BYOL's colour chain), each crop drawing its own parameters: boxes come
-from torchvision's RandomResizedCrop sampler, vectorised (:mod:`dino_core.augment_boxes`); one
+from torchvision's RandomResizedCrop sampler, vectorised (:mod:`dino_core.augment.boxes`); one
 ``F.grid_sample`` resamples many crops; each photometric op runs on the crops that drew it,
 with per-crop factors. On one core (``bench/augment.py``) that is ~6,000 small images/s (15x
 the reference's PIL pipeline) and ~110 paper-size images/s (2x). Two ways in:
@@ -13,7 +13,7 @@ the reference's PIL pipeline) and ~110 paper-size images/s (2x). Two ways in:
 - Canvas: a DataLoader yields square uint8 canvases (:class:`ToCanvas`), the training loop
   moves them to the GPU and calls :class:`BatchedMultiCrop` there.
 - Full images: the loop gets encoded bytes and calls
-  :func:`dino_core.augment_full.full_image_views`, which decodes them (batched nvJPEG on
+  :func:`dino_core.augment.full.full_image_views`, which decodes them (batched nvJPEG on
   CUDA), pads them into one batch and passes each image's size (``sizes=``), so boxes are
   drawn on each whole image as RandomResizedCrop does.
 
@@ -53,16 +53,9 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from dino_core.augment import (
-    BLUR_SIGMA,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    MULTICROP,
-    check_multicrop,
-)
-from dino_core.augment_boxes import RATIO, sample_boxes, sample_boxes_sized  # noqa: F401
-from dino_core.augment_canvas import ToCanvas, decode_to_canvas  # noqa: F401
-from dino_core.augment_ops import (  # noqa: F401 - part of this module's interface
+from dino_core.augment.boxes import RATIO, sample_boxes, sample_boxes_sized  # noqa: F401
+from dino_core.augment.canvas import ToCanvas, decode_to_canvas  # noqa: F401
+from dino_core.augment.ops import (  # noqa: F401 - part of this module's interface
     JITTER_OPS,
     SOLARIZE_THRESHOLD_FLOAT,
     adjust_brightness,
@@ -73,6 +66,13 @@ from dino_core.augment_ops import (  # noqa: F401 - part of this module's interf
     grayscale,
     solarize,
     to_device,
+)
+from dino_core.augment.per_image import (
+    BLUR_SIGMA,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MULTICROP,
+    check_multicrop,
 )
 
 JITTER_P, GRAYSCALE_P, FLIP_P = 0.8, 0.2, 0.5
@@ -112,7 +112,7 @@ def _grouped(
 
 class BatchedMultiCrop:
     """DINO's ``2 + n_local`` views of every image in a batch; parameters as
-    :class:`dino_core.augment.MultiCropAugmentation`.
+    :class:`dino_core.augment.per_image.MultiCropAugmentation`.
 
     Args:
         global_size: Side of the two global crops (paper: 224).
@@ -163,7 +163,7 @@ class BatchedMultiCrop:
             generator: A CPU generator for every random draw; ``None`` uses torch's default.
             sizes: int64 ``(B, 2)`` on the CPU, or ``None``: image ``b``'s real
                 ``(height, width)`` inside a padded batch, its pixels top-left aligned
-                (:func:`dino_core.augment_full.pad_batch`); its boxes are then drawn on that
+                (:func:`dino_core.augment.full.pad_batch`); its boxes are then drawn on that
                 size. ``None``: every image fills the whole ``H x W`` (a canvas).
 
         Returns:

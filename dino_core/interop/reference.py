@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino_core import reference_keys as keys
+from dino_core.interop import reference_keys as keys
 from dino_core.models.backbone import build_backbone, reference_pos_embed
 
 Tensor = torch.Tensor

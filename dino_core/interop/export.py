@@ -8,7 +8,7 @@ loads it with ``strict=True``. The metadata also records ``pos_embed_interpolati
 (``dino_core.models.backbone``): a plain timm model resamples the position table timm's way,
 so it gives the same features at the table's own size only when the file says "reference".
 
-``load_backbone`` also reads the reference DINO code's ``.pth`` files (``dino_core.reference``).
+``load_backbone`` also reads the reference DINO code's ``.pth`` files (``dino_core.interop.reference``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from dino_core.interop.reference import load_reference_backbone
 from dino_core.models.backbone import build_backbone, timm_name
-from dino_core.reference import load_reference_backbone
 
 BACKBONE_PREFIX = "backbone."
 

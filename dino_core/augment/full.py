@@ -1,6 +1,6 @@
-"""Full images as crop sources for :class:`dino_core.augment_batched.BatchedMultiCrop`.
+"""Full images as crop sources for :class:`dino_core.augment.batched.BatchedMultiCrop`.
 
-The canvas path (:func:`dino_core.augment_canvas.decode_to_canvas`) cuts every image to a
+The canvas path (:func:`dino_core.augment.canvas.decode_to_canvas`) cuts every image to a
 centred square, so the sides of non-square images are never seen. Here a batch of encoded
 images is decoded on the training device (:func:`decode_images`: one batched nvJPEG call on
 CUDA), padded into one uint8 batch with each image's real size (:func:`pad_batch`), and
@@ -34,7 +34,7 @@ import torchvision.io as tio
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from dino_core.augment_batched import BatchedMultiCrop
+from dino_core.augment.batched import BatchedMultiCrop
 from dino_core.data.folder import MAX_PIXELS, load_rgb
 
 logger = logging.getLogger(__name__)
