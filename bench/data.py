@@ -76,6 +76,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/data.py`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fair import fields, order, paired_ratios  # noqa: E402
+from local_ray import local_ray  # noqa: E402
 
 ROWS = {"a": "local_folder", "b": "s3_per_object", "c": "s3_shards", "d": "ray_data"}
 CLASSES = 3
@@ -185,28 +186,6 @@ def s3_server(log_dir: Path) -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-@contextmanager
-def local_ray(num_cpus: int = 2) -> Iterator[None]:
-    """A Ray instance of this process's own (not any RAY_ADDRESS cluster), in a short temp
-    dir; afterwards any process still running from that dir is killed by pid."""
-    import psutil
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="dino-bd-")
-    try:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
-                 _temp_dir=temp, configure_logging=False, log_to_driver=False)
-        yield
-    finally:
-        ray.shutdown()
-        left = [p for p in psutil.process_iter(["cmdline"])
-                if any(temp in arg for arg in p.info["cmdline"] or [])]
-        for p in left:
-            p.kill()
-        psutil.wait_procs(left, timeout=10)
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def upload(local: Path, url: str) -> float:
@@ -384,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if {"s3_shards", "ray_data"} & set(rows):
             if "ray_data" in rows or not args.ci:  # packs in Ray tasks; (d) reads through it
-                stack.enter_context(local_ray(num_cpus=2))
+                stack.enter_context(local_ray(2, include_dashboard=False, log_to_driver=False))
             for n in counts:
                 try:
                     from service.data.pack import pack

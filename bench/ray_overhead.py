@@ -39,6 +39,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from fair import alternate, fields, paired_ratios, rates  # noqa: E402
+from local_ray import local_ray  # noqa: E402
 from step import (  # noqa: E402
     SETTINGS,
     ProjectStep,
@@ -88,35 +89,6 @@ def run_ray(config: dict) -> dict:
         return json.load(f)
 
 
-def start_ray(threads: int) -> str:
-    """A local Ray of ``threads`` CPUs, as ``dino train`` starts one (the dashboard hosts the
-    State API Ray Train's controller polls), in a short temp dir of its own (under
-    ``RAY_TMPDIR`` when set); returns it."""
-    import ray
-
-    temp = tempfile.mkdtemp(prefix="dino-ro-", dir=os.environ.get("RAY_TMPDIR"))
-    path = os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])
-    ray.init(address="local", num_cpus=threads, include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=None, log_to_driver=True,
-             configure_logging=False, _temp_dir=temp,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})
-    return temp
-
-
-def stop_ray(temp: str) -> None:
-    """Ray down; then any process still running from its temp dir is killed by pid."""
-    import psutil
-    import ray
-
-    ray.shutdown()
-    left = [p for p in psutil.process_iter(["cmdline"])
-            if any(temp in arg for arg in p.info["cmdline"] or [])]
-    for p in left:
-        p.kill()
-    psutil.wait_procs(left, timeout=10)
-    shutil.rmtree(temp, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="small")
@@ -154,12 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     t0 = time.perf_counter()
-    temp = start_ray(args.threads)
+    # as ``dino train`` starts one: the dashboard hosts the State API that Ray Train's
+    # controller polls
+    path = os.pathsep.join([HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")])
     try:
-        got = alternate({"plain": side("plain", run_plain), "ray": side("ray", run_ray)},
-                        args.rounds, warmup=0)  # each run warms itself up
+        with local_ray(args.threads, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=None, log_to_driver=True,
+                       runtime_env={"env_vars": {"PYTHONPATH": path}}):
+            got = alternate({"plain": side("plain", run_plain), "ray": side("ray", run_ray)},
+                            args.rounds, warmup=0)  # each run warms itself up
     finally:
-        stop_ray(temp)
         shutil.rmtree(work, ignore_errors=True)
     ips = {name: [r for run in runs_ for r in rates(args.batch, run)]
            for name, runs_ in got.items()}

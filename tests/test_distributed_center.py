@@ -43,3 +43,59 @@ def test_center_is_global_batch_mean():
     expected = 0.1 * teacher.mean(dim=0, keepdim=True)  # c0 = 0, m = 0.9
     for c in centers:
         assert torch.allclose(c, expected, atol=1e-6)
+
+
+def _step_worker(rank: int, world: int, init_file: str, spec, crops, out_dir: str) -> None:
+    """One real DINO step on this rank's slice of one fixed global batch: the student wrapped
+    in DDP as ``ray.train.torch.prepare_model`` wraps it, the center reduced through the
+    service's collective (what a Ray Train worker runs, without Ray: the 2-worker Ray runs of
+    the suite cover Ray's own process group)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dino_core import build_networks, build_optimizer, ema_parameter_lists, train_step
+    from dino_core.losses.dino import identity
+    from dino_core.step import StepConfig
+    from service.train.collectives import all_reduce_mean as service_mean
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        student, teacher = build_networks(spec)
+        per = crops[0].shape[0] // world
+        local = [c[rank * per : (rank + 1) * per] for c in crops]
+        reduce = service_mean if world > 1 else identity
+        loss_fn = DINOLoss(spec.out_dim, all_reduce_mean=reduce)
+        model = DistributedDataParallel(student) if world > 1 else student
+        train_step(student=model, teacher=teacher, loss_fn=loss_fn,
+                   optimizer=build_optimizer(student), crops=local,
+                   values={"lr": 1e-3, "weight_decay": 0.04, "momentum": 0.996,
+                           "teacher_temp": 0.04},
+                   step=0, freeze_last_layer=False,
+                   ema_params=ema_parameter_lists(teacher, student),
+                   cfg=StepConfig(all_reduce_mean=reduce), clip_module=student)
+        torch.save(loss_fn.center, os.path.join(out_dir, f"center-w{world}-r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.budget(30)
+def test_two_rank_step_center_equals_one_rank_center():
+    """A whole training step (DDP student, multi-crop, the service's all-reduce) on 2 gloo
+    ranks leaves on every rank the center one rank computes from the whole batch."""
+    from dino_core import NetworkSpec
+
+    spec = NetworkSpec(arch="vit_tiny", patch_size=8, img_size=16, depth=1, out_dim=64,
+                       head_hidden_dim=32, head_bottleneck_dim=16, drop_path_rate=0.0)
+    g = torch.Generator().manual_seed(1)
+    crops = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)] + \
+        [torch.randn(8, 3, 8, 8, generator=g) for _ in range(2)]
+    with tempfile.TemporaryDirectory() as d:
+        for world in (1, 2):
+            mp.spawn(_step_worker, args=(world, os.path.join(d, f"init{world}"), spec, crops, d),
+                     nprocs=world)
+        one = torch.load(os.path.join(d, "center-w1-r0.pt"))
+        two = [torch.load(os.path.join(d, f"center-w2-r{r}.pt")) for r in range(2)]
+    assert one.abs().sum() > 0
+    for c in two:  # every rank holds the global-batch center
+        assert torch.allclose(c, one, atol=1e-6)

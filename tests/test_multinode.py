@@ -126,24 +126,39 @@ def test_local_storage_is_refused_on_a_multi_node_cluster(cluster, tmp_path):
 
 
 @pytest.mark.budget(300)
-def test_a_lost_node_costs_at_most_the_checkpoint_interval(cluster, s3_server):
-    """Workers on two different nodes; the node of rank 1 is killed (its whole process
-    group) after the step-4 checkpoint. The group restarts on the third node from the newest
-    complete checkpoint, the step counter goes on from it, and the run completes."""
+def test_a_sigterm_loses_no_step_and_a_lost_node_at_most_the_checkpoint_interval(cluster, s3_server):
+    """One run, workers on two different nodes, checkpoints every 4 steps. First SIGTERM to
+    rank 1's process: every rank checkpoints the step in progress, leaves, and the restarted
+    group resumes exactly there. Then the node of rank 1 is killed (its whole process group)
+    after the next interval checkpoint: the group restarts on the remaining nodes from the
+    newest complete checkpoint, the step counter goes on from it, and the run completes with
+    every step seen."""
     cluster.add_node("c")
     root = f"s3://{s3_server.new_bucket('loss')}/runs"
     # sync uploads: a "checkpoint saved" line is then a checkpoint in storage (in the
     # background, steps lost are the interval plus the steps of one upload)
-    proc = start(run_cmd(cluster, root, "loss", "train.epochs=3", "train.checkpoint_every_steps=4",
-                         "ray.max_failures=2", "train.checkpoint_upload=sync"), cluster)
+    proc = start(run_cmd(cluster, root, "loss", "train.epochs=4", "train.checkpoint_every_steps=4",
+                         "ray.max_failures=3", "train.checkpoint_upload=sync"), cluster)
     lines: list[str] = []
     try:
         pids = worker_pids(proc, 2, lines)
         nodes = {rank: node_of(cluster, pid) for rank, pid in pids.items()}
         assert len(set(nodes.values())) == 2, nodes  # one worker per node
-        _read_until(proc, r"checkpoint saved at epoch 1 step 4", lines, 240)
+        last = int(_read_until(proc, r"step ([5-9]|1[0-2])/32", lines, 240).group(1))
+        os.kill(pids[1], signal.SIGTERM)
+        sent = time.monotonic()
+        m = _read_until(proc, r"SIGTERM to a training worker: checkpoint of step (\d+) "
+                              r"committed in ([\d.]+) s", lines, 120)
+        saved, save_s = int(m.group(1)), float(m.group(2))
+        commit_s = time.monotonic() - sent
+        at = len(lines)
+        pids = worker_pids(proc, 2, lines)
+        m = seen_or_read(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, at, 120)
+        term_resumed = int(m.group(1))
+        nxt_ckpt = (saved // 4 + 1) * 4
+        _read_until(proc, rf"checkpoint saved at epoch \d+ step {nxt_ckpt}\b", lines, 240)
         _read_until(proc, STEP, lines, 120)
-        cluster.kill_node(nodes[1])
+        cluster.kill_node(node_of(cluster, pids[1]))
         killed = time.monotonic()
         m = _read_until(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, 300)
         resumed = int(m.group(1))
@@ -157,43 +172,17 @@ def test_a_lost_node_costs_at_most_the_checkpoint_interval(cluster, s3_server):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    lost = at_kill - resumed
-    print(f"\n[figures] node loss: last step before the kill {at_kill}, resumed at step {resumed}, next "
-          f"step {nxt} {recovery_s:.1f} s after the kill; steps lost {lost} (interval 4)")
-    assert resumed >= 4 and 0 <= lost <= 4, (at_kill, resumed)
-    assert nxt == resumed + 1
-    assert "step 24/24" in text
-
-
-@pytest.mark.budget(300)
-def test_sigterm_to_a_worker_checkpoints_the_current_step_and_loses_none(cluster, s3_server):
-    """SIGTERM to rank 1's process: every rank checkpoints the step in progress, leaves, and
-    the restarted group resumes exactly there (no checkpoint interval: only epochs)."""
-    root = f"s3://{s3_server.new_bucket('term')}/runs"
-    proc = start(run_cmd(cluster, root, "term", "train.epochs=4", "ray.max_failures=1",
-                         "train.checkpoint_every_epochs=0"), cluster)
-    lines: list[str] = []
-    try:
-        pids = worker_pids(proc, 2, lines)
-        last = int(_read_until(proc, r"step (1[0-9])/32", lines, 240).group(1))
-        os.kill(pids[1], signal.SIGTERM)
-        sent = time.monotonic()
-        m = _read_until(proc, r"SIGTERM to a training worker: checkpoint of step (\d+) "
-                              r"committed in ([\d.]+) s", lines, 120)
-        saved, save_s = int(m.group(1)), float(m.group(2))
-        commit_s = time.monotonic() - sent
-        m = _read_until(proc, r"resumed from \S+ at epoch \d+ step (\d+)", lines, 300)
-        resumed = int(m.group(1))
-        text = finish(proc, lines)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
     logged_before = max(s for s in steps_logged(text) if s <= saved)
+    lost = at_kill - resumed
     print(f"\n[figures] SIGTERM: last step seen {last}, checkpoint of step {saved} written in "
-          f"{save_s:.1f} s, committed {commit_s:.1f} s after the signal; resumed at {resumed}; "
-          f"steps lost {saved - resumed}")
-    assert saved >= last and resumed == saved == logged_before
-    assert steps_logged(text) == list(range(1, 33))  # no gap, no step twice
+          f"{save_s:.1f} s, committed {commit_s:.1f} s after the signal; resumed at "
+          f"{term_resumed}; steps lost {saved - term_resumed}")
+    print(f"[figures] node loss: last step before the kill {at_kill}, resumed at step {resumed}, "
+          f"next step {nxt} {recovery_s:.1f} s after the kill; steps lost {lost} (interval 4)")
+    assert saved >= last and term_resumed == saved == logged_before
+    assert resumed >= nxt_ckpt and 0 <= lost <= 4, (at_kill, resumed)
+    assert nxt == resumed + 1
+    assert steps_logged(text) == list(range(1, 33))  # no gap
     assert "step 32/32" in text
 
 

@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 pytestmark = pytest.mark.integration
 
@@ -179,90 +178,3 @@ def test_two_workers_s3_mlflow_then_resume_from_bucket_and_no_secret_leaks(
     print(f"searched stdout/stderr, {len(ray_files)} Ray session files, {len(stored)} stored "
           f"objects, MLflow params/tags, {len(downloaded)} artifacts, 2 server logs")
     assert not found, f"planted secrets leaked: {found}"
-
-
-def _center_loop(config: dict) -> None:
-    """One real DINO step per worker on its slice of one fixed global batch."""
-    import ray.train
-    import ray.train.torch
-
-    from dino_core import DINOLoss, build_networks, build_optimizer, ema_parameter_lists, train_step
-    from dino_core.losses.dino import identity
-    from dino_core.step import StepConfig
-    from service.train.collectives import all_reduce_mean
-
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(0)
-    student, teacher = build_networks(config["spec"])
-    crops = config["crops"]  # the global batch, identical on every worker
-    per = crops[0].shape[0] // world
-    local = [c[rank * per : (rank + 1) * per] for c in crops]
-    reduce = all_reduce_mean if world > 1 else identity
-    loss_fn = DINOLoss(config["spec"].out_dim, all_reduce_mean=reduce)
-    model = ray.train.torch.prepare_model(student, move_to_device=False) if world > 1 else student
-    train_step(student=model, teacher=teacher, loss_fn=loss_fn, optimizer=build_optimizer(student),
-               crops=local, values={"lr": 1e-3, "weight_decay": 0.04, "momentum": 0.996,
-                                    "teacher_temp": 0.04},
-               step=0, freeze_last_layer=False, ema_params=ema_parameter_lists(teacher, student),
-               cfg=StepConfig(all_reduce_mean=reduce), clip_module=student)
-    torch.save(loss_fn.center, os.path.join(config["out"], f"center-w{world}-r{rank}.pt"))
-    ray.train.report({})
-
-
-def _kill_orphans_of(token: str, grace: float = 10.0) -> None:
-    """Ray processes this test started that outlive ``ray.shutdown()`` (a TrainController
-    actor was seen left behind, re-parented to init), found by the DINO_TEST_TOKEN value they
-    inherited, and killed by pid."""
-    import psutil
-
-    def mine() -> list[psutil.Process]:
-        found = []
-        for p in psutil.process_iter(["pid"]):
-            try:
-                if p.pid != os.getpid() and p.environ().get("DINO_TEST_TOKEN") == token:
-                    found.append(p)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-                pass
-        return found
-
-    _, alive = psutil.wait_procs(mine(), timeout=grace)
-    for p in alive:
-        p.kill()
-    psutil.wait_procs(alive, timeout=10)
-
-
-@pytest.mark.budget(120)
-def test_two_worker_center_equals_one_worker_center(monkeypatch, tmp_path):
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from dino_core import NetworkSpec
-
-    spec = NetworkSpec(arch="vit_tiny", patch_size=8, img_size=16, depth=1, out_dim=64,
-                       head_hidden_dim=32, head_bottleneck_dim=16, drop_path_rate=0.0)
-    g = torch.Generator().manual_seed(1)
-    crops = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)] + \
-        [torch.randn(8, 3, 8, 8, generator=g) for _ in range(2)]
-    # Ray workers import this module by name to run _center_loop
-    here = os.path.dirname(os.path.abspath(__file__))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([here, os.environ.get("PYTHONPATH", "")]))
-    token = os.urandom(8).hex()
-    monkeypatch.setenv("DINO_TEST_TOKEN", token)  # inherited by every process Ray starts
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        for world in (1, 2):
-            TorchTrainer(
-                _center_loop, train_loop_config={"spec": spec, "crops": crops, "out": str(tmp_path)},
-                scaling_config=ray.train.ScalingConfig(num_workers=world,
-                                                       resources_per_worker={"CPU": 0.5}),
-                run_config=ray.train.RunConfig(name=f"center{world}", storage_path=str(tmp_path)),
-            ).fit()
-    finally:
-        ray.shutdown()
-        _kill_orphans_of(token)
-    one = torch.load(tmp_path / "center-w1-r0.pt")
-    assert one.abs().sum() > 0
-    for rank in (0, 1):  # every worker of the 2-worker run holds the global-batch center
-        assert torch.allclose(torch.load(tmp_path / f"center-w2-r{rank}.pt"), one, atol=1e-6)
