@@ -65,7 +65,11 @@ from dino_core import (  # noqa: E402
     train_step,
 )
 from dino_core.losses.dino_chunked import chunked_dino_loss  # noqa: E402
+from dino_core.masking import MaskSampler  # noqa: E402
 from dino_core.models import compile_backbone as compile_backbone_  # noqa: E402
+from dino_core.recipe import RecipeLoss  # noqa: E402
+from dino_core.specs import RecipeSpec  # noqa: E402
+from dino_core.step_recipe import train_step_recipe  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ SETTINGS = {
     # ViT-B/16 and ViT-S/8 at the paper's crops (the issue's extra rows)
     "paper_b16": Setting("vit_base", 16, None, 224, 96, 10, 65536, 2048, 256),
     "paper_s8": Setting("vit_small", 8, None, 224, 96, 10, 65536, 2048, 256),
+    # dinov2's ViT-S/14 at the dinov2 paper's crops, 2 x 224 + 8 x 98 (the dinov2_vits14 preset)
+    "paper_s14": Setting("dinov2_vits14", 14, None, 224, 98, 8, 65536, 2048, 256),
     # the quickstart preset's model and crops
     "small": Setting("vit_tiny", 8, 4, 32, 16, 4, 256, 512, 128),
 }
@@ -126,7 +132,11 @@ def sync(device: torch.device) -> None:
 
 
 # the project's step plus levers: ``dino_core+<option>[+<option>...]``
-OPTIONS = ("compile", "cudagraphs", "packed", "packed_sdpa", "chunked", "ckpt", "fp8")
+OPTIONS = ("compile", "cudagraphs", "packed", "packed_sdpa", "chunked", "ckpt", "fp8", "dinov2")
+# the DINOv2 recipe's row (``+dinov2``): iBOT (shared head, weight 1, masks 0.5 / 0.1-0.5 drawn
+# on the host every step, as the loop does) + KoLeo 0.1 + layer decay 0.9 / patch embedding
+# x 0.2, EMA centering: dinov2's ssl_default_config
+DINOV2 = RecipeSpec(ibot_weight=1.0, koleo_weight=0.1, layer_decay=0.9, patch_embed_lr_mult=0.2)
 
 
 class ProjectStep:
@@ -162,13 +172,25 @@ class ProjectStep:
             mode = "reduce-overhead" if "cudagraphs" in options else None
             compile_backbone_(student.backbone, mode)
             compile_backbone_(teacher.backbone, mode)
-        self.student, self.teacher = student, teacher
+        self.recipe: RecipeLoss | None = None
         self.loss_fn = DINOLoss(out_dim).to(device)
-        self.optimizer = build_optimizer(student, fused=True)
-        self.ema = ema_parameter_lists(teacher, student)
         amp = torch.bfloat16 if device.type == "cuda" else None
         self.cfg = StepConfig(autocast_dtype=amp, defer_nonfinite_check=True,
                               fused_head_loss="chunked" in options)
+        decay = {}
+        if "dinov2" in options:  # the mask token the builder adds with iBOT, zeros as dinov2's
+            for m in (student, teacher):
+                m.mask_token = torch.nn.Parameter(torch.zeros(1, student.backbone.embed_dim,
+                                                              device=device))
+            teacher.mask_token.requires_grad = False
+            self.recipe = RecipeLoss(self.loss_fn, DINOV2,
+                                     fused_head_loss=self.cfg.fused_head_loss).to(device)
+            self.masks: MaskSampler | None = None  # made at the first step: the grid
+            decay = {"layer_decay": DINOV2.layer_decay,
+                     "patch_embed_lr_mult": DINOV2.patch_embed_lr_mult}
+        self.student, self.teacher = student, teacher
+        self.optimizer = build_optimizer(student, fused=True, **decay)
+        self.ema = ema_parameter_lists(teacher, student)
 
     def loss(self, crops: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """The step's forward and loss alone, for the numerics check."""
@@ -186,6 +208,16 @@ class ProjectStep:
         return loss, teacher_out
 
     def __call__(self, crops: list[torch.Tensor]) -> None:
+        if self.recipe is not None:
+            if self.masks is None:
+                side = crops[0].shape[-1] // self.student.backbone.patch_embed.patch_size[0]
+                self.masks = MaskSampler((side, side), 0, DINOV2.mask_probability,
+                                         DINOV2.mask_ratio)
+            train_step_recipe(student=self.student, teacher=self.teacher, losses=self.recipe,
+                              optimizer=self.optimizer, crops=crops,
+                              masks=self.masks(2 * crops[0].shape[0]), values=VALUES, step=0,
+                              freeze_last_layer=False, ema_params=self.ema, cfg=self.cfg)
+            return
         train_step(student=self.student, teacher=self.teacher, loss_fn=self.loss_fn,
                    optimizer=self.optimizer, crops=crops, values=VALUES, step=0,
                    freeze_last_layer=False, ema_params=self.ema, cfg=self.cfg)

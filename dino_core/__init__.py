@@ -17,6 +17,7 @@ _WHERE = {
     "MultiCropWrapper": "dino_core.models",
     "NetworkSpec": "dino_core.specs",
     "NonFiniteLossError": "dino_core.step",
+    "RecipeSpec": "dino_core.specs",
     "ScheduleSpec": "dino_core.specs",
     "Schedules": "dino_core.schedules",
     "StepConfig": "dino_core.step",
@@ -35,6 +36,7 @@ _WHERE = {
     "save_backbone": "dino_core.interop.export",
     "teacher_stats": "dino_core.monitors",
     "train_step": "dino_core.step",
+    "train_step_recipe": "dino_core.step_recipe",
 }
 __all__ = [
     "DINOHead",
@@ -43,6 +45,7 @@ __all__ = [
     "MultiCropWrapper",
     "NetworkSpec",
     "NonFiniteLossError",
+    "RecipeSpec",
     "ScheduleSpec",
     "Schedules",
     "StepConfig",
@@ -61,6 +64,7 @@ __all__ = [
     "save_backbone",
     "teacher_stats",
     "train_step",
+    "train_step_recipe",
 ]
 
 if TYPE_CHECKING:
@@ -73,8 +77,9 @@ if TYPE_CHECKING:
     from dino_core.monitors import teacher_stats
     from dino_core.optim import build_optimizer, cancel_last_layer_gradients, clip_gradients
     from dino_core.schedules import Schedules, build_schedules, cosine_schedule
-    from dino_core.specs import MultiCropSpec, NetworkSpec, ScheduleSpec
+    from dino_core.specs import MultiCropSpec, NetworkSpec, RecipeSpec, ScheduleSpec
     from dino_core.step import NonFiniteLossError, StepConfig, StepOutput, train_step
+    from dino_core.step_recipe import train_step_recipe
 
 
 def __getattr__(name: str) -> Any:

@@ -10,7 +10,8 @@ from dino_core.specs import NetworkSpec
 
 def build_networks(spec: NetworkSpec) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Returns (student, teacher): same architecture, the teacher without stochastic depth,
-    starting from the student's weights and never receiving gradients."""
+    starting from the student's weights and never receiving gradients. With
+    ``spec.mask_token`` / ``spec.ibot_separate_head`` both carry iBOT's mask token and head."""
 
     def one(drop_path_rate: float) -> MultiCropWrapper:
         backbone = build_backbone(
@@ -26,7 +27,14 @@ def build_networks(spec: NetworkSpec) -> tuple[MultiCropWrapper, MultiCropWrappe
             hidden_dim=spec.head_hidden_dim,
             bottleneck_dim=spec.head_bottleneck_dim,
         )
-        return MultiCropWrapper(backbone, head)
+        ibot_head = None
+        if spec.ibot_separate_head:  # dinov2 gives it the DINO head's shape
+            ibot_head = DINOHead(
+                embed_dim_of(backbone), spec.out_dim, use_bn=spec.use_bn_in_head,
+                norm_last_layer=spec.norm_last_layer, nlayers=spec.head_nlayers,
+                hidden_dim=spec.head_hidden_dim, bottleneck_dim=spec.head_bottleneck_dim,
+            )
+        return MultiCropWrapper(backbone, head, mask_token=spec.mask_token, ibot_head=ibot_head)
 
     student = one(spec.drop_path_rate)
     teacher = one(0.0)

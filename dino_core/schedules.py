@@ -6,6 +6,7 @@ same value at the same step as an uninterrupted one (dinov2's ``build_schedulers
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -59,9 +60,15 @@ def teacher_temp_schedule(
     return np.repeat(per_epoch, niter_per_ep)
 
 
-def scaled_lr(lr: float, global_batch_size: int) -> float:
-    """The linear scaling rule of the paper: ``lr * batch / 256``."""
-    return lr * global_batch_size / 256.0
+def scaled_lr(lr: float, global_batch_size: int, rule: str = "linear") -> float:
+    """The linear scaling rule of the paper, ``lr * batch / 256``, or dinov2's square-root
+    rule, ``lr * sqrt(batch / 1024)`` (its ``sqrt_wrt_1024``; Oquab et al. 2024 train with
+    base lr 4e-3 at batch 1024 under it)."""
+    if rule == "linear":
+        return lr * global_batch_size / 256.0
+    if rule == "sqrt":
+        return lr * math.sqrt(global_batch_size / 1024.0)
+    raise ValueError(f"lr scaling rule must be 'linear' or 'sqrt', got {rule!r}")
 
 
 @dataclass(frozen=True)
@@ -104,7 +111,8 @@ def build_schedules(
     s = replace(spec or ScheduleSpec(), **changes)
     return Schedules(
         lr=cosine_schedule(
-            scaled_lr(s.lr, global_batch_size), s.min_lr, epochs, niter_per_ep, s.warmup_epochs,
+            scaled_lr(s.lr, global_batch_size, s.lr_scaling), s.min_lr, epochs, niter_per_ep,
+            s.warmup_epochs,
             warmup_includes_end=s.warmup_includes_end,
         ),
         weight_decay=cosine_schedule(s.weight_decay, s.weight_decay_end, epochs, niter_per_ep),

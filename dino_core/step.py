@@ -14,7 +14,7 @@ from dino_core.ema import ema_update
 from dino_core.losses.dino import DINOLoss, identity
 from dino_core.losses.dino_chunked import chunked_dino_loss
 from dino_core.monitors import teacher_stats
-from dino_core.optim import cancel_last_layer_gradients, clip_gradients
+from dino_core.optim import cancel_last_layer_gradients, clip_gradients, set_schedule_values
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,7 +82,7 @@ def train_step(
         student: the student (possibly DDP-wrapped ``MultiCropWrapper``).
         teacher: the teacher ``MultiCropWrapper`` (no gradients).
         loss_fn: the DINO loss (holds the center).
-        optimizer: AdamW with ``param_groups``; group 0 takes the weight decay.
+        optimizer: AdamW with ``param_groups`` (their lr and weight-decay multipliers).
         crops: ``[global_1, global_2, local_1, ...]``, each ``(B, 3, H_i, W_i)`` on the device.
         values: this step's ``lr``, ``weight_decay``, ``momentum``, ``teacher_temp``.
         step: global iteration, for error messages.
@@ -97,17 +97,8 @@ def train_step(
             ``cfg.defer_nonfinite_check``; with it, the step is a device-side no-op and
             ``finite`` is False).
     """
-    for i, group in enumerate(optimizer.param_groups):
-        group["lr"] = values["lr"]
-        if i == 0:
-            group["weight_decay"] = values["weight_decay"]
-    device_type = crops[0].device.type
-    amp = (
-        torch.autocast(device_type, dtype=cfg.autocast_dtype)
-        if cfg.autocast_dtype is not None
-        else contextlib.nullcontext()
-    )
-    with amp:
+    set_schedule_values(optimizer, values["lr"], values["weight_decay"])
+    with autocast(crops[0].device.type, cfg):
         with torch.no_grad():
             # only the global views pass through the teacher
             teacher_out = teacher(list(crops[: cfg.n_global]))
@@ -121,7 +112,27 @@ def train_step(
             loss = loss_fn(student(list(crops)), teacher_out, values["teacher_temp"],
                            cfg.n_global, update_center=False)
 
-    # the mean over processes makes every rank take the same decision on a bad step
+    global_loss, finite = agree_on_loss(loss, optimizer, step, cfg)
+    loss_fn.update_center(teacher_out, keep_if=None if not cfg.defer_nonfinite_check else finite)
+    backward_and_update(loss, clip_module if clip_module is not None else student, optimizer,
+                        values["momentum"], freeze_last_layer, ema_params, cfg, scaler, finite)
+    return StepOutput(loss_tensor=global_loss, finite=finite, stats=stats)
+
+
+def autocast(device_type: str, cfg: StepConfig) -> contextlib.AbstractContextManager:
+    """The step's autocast (``cfg.autocast_dtype``), or nothing for fp32."""
+    if cfg.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=cfg.autocast_dtype)
+
+
+def agree_on_loss(
+    loss: torch.Tensor, optimizer: torch.optim.Optimizer, step: int, cfg: StepConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss averaged over processes and whether it is finite (a device bool). The mean
+    over processes makes every rank take the same decision on a bad step: raise
+    ``NonFiniteLossError`` now, or (``cfg.defer_nonfinite_check``) make the optimizer step a
+    device-side no-op."""
     global_loss = cfg.all_reduce_mean(loss.detach())
     finite = torch.isfinite(global_loss)
     if cfg.defer_nonfinite_check:
@@ -130,9 +141,21 @@ def train_step(
         value = global_loss.item()
         if not math.isfinite(value):
             raise NonFiniteLossError(step, value)
-    loss_fn.update_center(teacher_out, keep_if=None if not cfg.defer_nonfinite_check else finite)
+    return global_loss, finite
 
-    params_owner = clip_module if clip_module is not None else student
+
+def backward_and_update(
+    loss: torch.Tensor,
+    params_owner: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    momentum: float,
+    freeze_last_layer: bool,
+    ema_params: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]],
+    cfg: StepConfig,
+    scaler: torch.amp.GradScaler | None,
+    finite: torch.Tensor,
+) -> None:
+    """Backward, clip, freeze the last layer, optimizer step, EMA of the teacher."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -148,10 +171,8 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-
-    ema_update(ema_params[0], ema_params[1], values["momentum"],
+    ema_update(ema_params[0], ema_params[1], momentum,
                gate=finite if cfg.defer_nonfinite_check else None)
-    return StepOutput(loss_tensor=global_loss, finite=finite, stats=stats)
 
 
 def _skip_optimizer_step_unless(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:

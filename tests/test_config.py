@@ -42,7 +42,7 @@ def test_preset_file_and_overrides_in_order(tmp_path):
         ("loss.teacher_temp=0", "loss.teacher_temp", "greater than 0"),
         ("optim.momentum_teacher=1.0", "optim.momentum_teacher", "less than 1"),
         ("optim.momentum_teacher=-0.1", "optim.momentum_teacher", "greater than or equal to 0"),
-        ("model.arch=vit_huge", "model.arch", "'vit_tiny', 'vit_small', 'vit_base' or 'resnet50'"),
+        ("model.arch=vit_huge", "model.arch", "'vit_tiny', 'vit_small', 'vit_base', 'resnet50', 'dinov2_vits14'"),
         ("train.bogus=1", "train.bogus", "unknown key; allowed keys here: epochs"),
         ("bogus=1", "bogus", "unknown key"),
         ("storage.root=ftp://host/x", "storage.root", "unknown storage scheme 'ftp'"),
@@ -112,7 +112,8 @@ def test_yaml_round_trip_and_flatten(tmp_path):
         (["train.bogus=1"], "train.bogus: unknown key; allowed keys here: epochs, batch_size"),
         (["train.storage=s3://bucket/x"], "train.storage: unknown key; allowed keys here: epochs"),
         (["model.arch=vit_huge"],
-         "model.arch: Input should be 'vit_tiny', 'vit_small', 'vit_base' or 'resnet50'"),
+         "model.arch: Input should be 'vit_tiny', 'vit_small', 'vit_base', 'resnet50', "
+         "'dinov2_vits14'"),
         (["storage.root=foo://bucket/x"], "storage.root: unknown storage scheme 'foo' in "
          "'foo://bucket/x'; allowed: a local path or file://, s3://, gs://"),
     ],

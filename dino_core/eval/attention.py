@@ -12,16 +12,18 @@ Only torch, numpy and PIL: the colormap is a small lookup table, so no matplotli
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 from dino_core.data.procedural import ProceduralShapes
+from dino_core.models.backbone import is_vit
 from dino_core.models.vit_features import last_self_attention
 
 # Anchors of matplotlib's perceptually uniform maps at 0, 1/8, ..., 1 (sRGB 0-255); lightness
@@ -38,11 +40,12 @@ COLORMAPS: dict[str, np.ndarray] = {
 # fmt: on
 
 
-def vit_patch_size(vit: VisionTransformer) -> int:
+def vit_patch_size(vit: nn.Module) -> int:
     """The (square) patch side of a timm ViT."""
-    if not isinstance(vit, VisionTransformer):
+    if not is_vit(vit):
         raise TypeError(f"attention maps need a ViT backbone, got {type(vit).__name__}")
-    return int(vit.patch_embed.patch_size[0])
+    patch_embed: Any = vit.patch_embed
+    return int(patch_embed.patch_size[0])
 
 
 def crop_to_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -74,7 +77,7 @@ def prepare_image(
 
 
 @torch.no_grad()
-def cls_attention(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+def cls_attention(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """CLS-to-patch attention of the last block, batched.
 
     Args:
@@ -92,7 +95,7 @@ def cls_attention(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
     return attn[:, :, 0, vit.num_prefix_tokens :].reshape(x.shape[0], -1, h, w)
 
 
-def attention_maps(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+def attention_maps(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Per-head attention maps of one image ``(1, 3, H, W)`` (or ``(3, H, W)``): ``(heads, h, w)``."""
     if x.dim() == 3:
         x = x.unsqueeze(0)
@@ -212,7 +215,7 @@ def attention_grid(
 
 @torch.no_grad()
 def mask_jaccard_over_dataset(
-    vit: VisionTransformer,
+    vit: nn.Module,
     dataset: ProceduralShapes,
     n: int,
     image_size: int | None = None,

@@ -13,16 +13,17 @@ query's originals as the positives.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.transforms import v2 as T
 
 from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 from dino_core.eval.ranking import average_precision
+from dino_core.models.backbone import is_vit
 
 IMSIZE = 320  # the reference's --imsize (with ViT-B/8)
 TOP_K = 20  # the reference scores the 20 nearest database images of each query
@@ -52,11 +53,12 @@ def copy_descriptor(vit: nn.Module, x: torch.Tensor, p: float = 4.0) -> torch.Te
         ValueError: ``vit`` is not a ViT (a ResNet has no CLS and patch tokens; the reference
             supports ViTs only).
     """
-    if not isinstance(vit, VisionTransformer):
+    if not is_vit(vit):
         raise ValueError(f"copy detection needs a ViT's CLS and patch tokens; got "
                          f"{type(vit).__name__} (a ResNet-50 can be evaluated by retrieval)")
-    tokens = vit.forward_features(x)  # (B, prefix + h * w, D), normalised
-    prefix = vit.num_prefix_tokens
+    model: Any = vit
+    tokens = model.forward_features(x)  # (B, prefix + h * w, D), normalised
+    prefix = model.num_prefix_tokens
     return torch.cat([tokens[:, 0], gem(tokens[:, prefix:], p)], dim=1).float()
 
 

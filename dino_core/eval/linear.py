@@ -27,13 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2 as T
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
 from dino_core.data.collate import collate_multicrop
-from dino_core.models.backbone import embed_dim_of
+from dino_core.models.backbone import embed_dim_of, is_vit
 from dino_core.models.vit_features import intermediate_features
 
 
@@ -80,7 +79,7 @@ def probe_features(
     backbone: nn.Module, x: torch.Tensor, n_last_blocks: int = 4, avgpool: bool = False
 ) -> torch.Tensor:
     """Frozen features ``(B, D_probe)`` of images ``(B, 3, H, W)``; see :func:`probe_dim`."""
-    if isinstance(backbone, VisionTransformer):
+    if is_vit(backbone):
         return intermediate_features(backbone, x, n_last_blocks, avgpool)
     return backbone(x)
 
@@ -88,7 +87,7 @@ def probe_features(
 def probe_dim(backbone: nn.Module, n_last_blocks: int = 4, avgpool: bool = False) -> int:
     """Width of :func:`probe_features`: ``(n_last_blocks + avgpool) * D`` for a ViT, else ``D``."""
     dim = embed_dim_of(backbone)
-    vit = isinstance(backbone, VisionTransformer)
+    vit = is_vit(backbone)
     return (n_last_blocks + int(avgpool)) * dim if vit else dim
 
 

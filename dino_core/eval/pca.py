@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from dino_core.eval.attention import crop_to_patches, vit_patch_size
 from dino_core.models.vit_features import patch_tokens
@@ -36,7 +36,7 @@ def principal_components(tokens: torch.Tensor, k: int = 3) -> torch.Tensor:
 
 
 @torch.no_grad()
-def pca_rgb(vit: VisionTransformer, x: torch.Tensor) -> Image.Image:
+def pca_rgb(vit: nn.Module, x: torch.Tensor) -> Image.Image:
     """The first 3 principal components of one image's patch tokens as an RGB picture.
 
     Args:

@@ -21,19 +21,20 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD
+from dino_core.models.backbone import is_vit
 from dino_core.models.vit_features import patch_tokens
 
 AFFINITY_TEMPERATURE = 0.1  # the reference's exp(affinity / 0.1)
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-def vit_frame_features(vit: VisionTransformer) -> FeatureFn:
+def vit_frame_features(vit: nn.Module) -> FeatureFn:
     """``x (1, 3, H, W) -> (h * w, D)``: the last block's patch tokens (after the final norm,
     as the reference's ``get_intermediate_layers(x, n=1)``), l2-normalised."""
-    if not isinstance(vit, VisionTransformer):
+    if not is_vit(vit):
         raise TypeError(f"label propagation needs the patch tokens of a ViT, got "
                         f"{type(vit).__name__}")
     return lambda x: F.normalize(patch_tokens(vit, x)[0].float(), dim=-1)

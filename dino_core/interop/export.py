@@ -8,7 +8,14 @@ loads it with ``strict=True``. The metadata also records ``pos_embed_interpolati
 (``dino_core.models.backbone``): a plain timm model resamples the position table timm's way,
 so it gives the same features at the table's own size only when the file says "reference".
 
-``load_backbone`` also reads the reference DINO code's ``.pth`` files (``dino_core.interop.reference``).
+``load_backbone`` also reads the reference DINO code's ``.pth`` files and Meta's DINOv2 /
+DINOv3 backbone files (``dino_core.interop.reference``, ``dino_core.interop.meta``).
+A DINOv2 / DINOv3 arch is written with the timm model of its modules
+(``vit_small_patch14_dinov2``, ``vit_small_patch16_dinov3_qkvb``, ...: ``families.timm_name``).
+timm rebuilds the same features except where this project follows Meta: a plain DINOv2
+model's position resize off the table's grid (DINO v1's formula, recorded as
+"reference") and a DINOv3 model's RoPE periods (kept in the file as ``rope.periods``,
+which timm recomputes in fp32 instead of using Meta's bf16-rounded ones).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from dino_core.interop.reference import load_reference_backbone
+from dino_core.models import families
 from dino_core.models.backbone import build_backbone, timm_name
 
 BACKBONE_PREFIX = "backbone."
@@ -40,6 +48,9 @@ def timm_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments for ``timm.create_model`` matching ``build_backbone``."""
     if model_cfg["arch"] == "resnet50":
         return {}
+    if families.family_of(model_cfg["arch"]) is not None:
+        return families.timm_kwargs(model_cfg["arch"], int(model_cfg.get("img_size") or 224),
+                                    model_cfg.get("depth"))
     kwargs: dict[str, Any] = {"dynamic_img_size": True,
                               "patch_size": int(model_cfg.get("patch_size", 16))}
     if model_cfg.get("depth"):
@@ -81,7 +92,9 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def load_backbone(path: str | Path, which: str = "teacher") -> nn.Module:
     """Rebuilds the backbone of a file written by ``save_backbone``, or of a reference DINO
-    ``.pth`` file (a main_dino ``checkpoint.pth``, or a released backbone file), from a local
+    ``.pth`` file (a main_dino ``checkpoint.pth``, or a released backbone file) or a Meta
+    DINOv2 / DINOv3 backbone file (its ``mask_token`` left out: ``read_reference`` returns
+    it), from a local
     path (the service layer fetches remote URIs first); in eval mode.
 
     ``which``: ``teacher`` (a backbone file's only weights), ``student`` (a reference

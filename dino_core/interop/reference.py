@@ -11,6 +11,10 @@ Two formats are read:
   ``dino_deitsmall16_pretrain.pth``, ``dino_resnet50_pretrain.pth``, ...): a flat backbone
   state dict.
 
+Meta's DINOv2 and DINOv3 backbone files (``dinov2_vits14_pretrain.pth``,
+``dinov3_vits16_pretrain_lvd1689m-*.pth``, ...) are read here too, with the same safety; their
+key layout is ``dino_core.interop.meta``'s (``kind`` "dinov2" / "dinov3").
+
 Reading never runs pickled code: ``torch.load(weights_only=True)`` with
 ``argparse.Namespace`` the one class allowed, so a file holding any other object is
 refused. The model settings come from the tensors (width -> ``vit_tiny/small/base``, patch
@@ -39,7 +43,9 @@ import torch
 from torch import nn
 
 from dino_core.interop import reference_keys as keys
-from dino_core.models.backbone import build_backbone, reference_pos_embed
+from dino_core.interop.meta import family_meta, is_meta_layout, read_meta_state
+from dino_core.models.backbone import build_backbone
+from dino_core.models.position import reference_pos_embed
 
 Tensor = torch.Tensor
 REFERENCE_TABLE_PX = 224  # img_size of the reference vit_* constructors
@@ -67,13 +73,17 @@ class ReferenceWeights:
     """
 
     path: str
-    kind: str  # "checkpoint" (main_dino's) or "backbone" (a released backbone file)
+    # "checkpoint" (main_dino's), "backbone" (a released backbone file), "dinov2" / "dinov3"
+    # (Meta's released backbone files)
+    kind: str
     meta: dict[str, Any]
     backbones: dict[str, dict[str, Tensor]]
     heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     center: Tensor | None = None
     epoch: int | None = None
     args: dict[str, Any] | None = None
+    mask_token: Tensor | None = None  # Meta's files: iBOT's learned token (1, D), no backbone weight
+    notes: list[str] = field(default_factory=list)  # what reading left out
 
 
 def safe_load(path: str | Path) -> Any:
@@ -131,6 +141,8 @@ def read_reference(path: str | Path) -> ReferenceWeights:
     elif _is_tensor_dict(obj):
         out.kind = "backbone"
         flat = {k.removeprefix("module."): v for k, v in obj.items()}
+        if is_meta_layout(flat):
+            return _read_meta(out, flat)
         if all(k.startswith(("backbone.", "head.")) for k in flat):  # a wrapper saved alone
             backbone, head = keys.split_wrapper(flat)
             heads.update({"teacher": keys.head_to_ours(head)} if head else {})
@@ -150,6 +162,16 @@ def read_reference(path: str | Path) -> ReferenceWeights:
     return out
 
 
+def _read_meta(out: ReferenceWeights, flat: dict[str, Tensor]) -> ReferenceWeights:
+    try:
+        m = read_meta_state(flat)
+    except ValueError as err:
+        raise ValueError(f"{out.path}: {err}") from None
+    out.kind, out.meta, out.mask_token, out.notes = m.family, m.meta, m.mask_token, m.notes
+    out.backbones["teacher"] = m.state
+    return out
+
+
 def _check_args(w: ReferenceWeights) -> None:
     """The file's ``args`` (if any) name the model its tensors are."""
     if not w.args or "arch" not in w.args:
@@ -166,7 +188,8 @@ def _check_args(w: ReferenceWeights) -> None:
 
 
 def build_from_meta(meta: dict[str, Any]) -> nn.Module:
-    """A fresh backbone of ``meta``; the reference interpolation, as the reference uses."""
+    """A fresh backbone of ``meta``; the reference interpolation, as the reference uses (and
+    Meta's plain DINOv2 models; its register and DINOv3 models resize their own way)."""
     return build_backbone(meta["arch"], meta["patch_size"], meta["img_size"],
                           depth=meta["depth"], pos_embed_interpolation="reference")
 
@@ -193,6 +216,15 @@ def _table_for_reference(backbone: dict[str, Tensor], table_px: int | None) -> d
     return {**backbone, "pos_embed": pos.to(backbone["pos_embed"].dtype)}
 
 
+def _dino_v1_only(backbone: dict[str, Tensor]) -> None:
+    """The reference code builds DINO v1's ViTs and the ResNet-50 only."""
+    fam = family_meta(backbone)
+    if fam is not None:
+        raise ValueError(f"the reference DINO format holds DINO v1's ViTs and the ResNet-50, "
+                         f"not Meta's {fam['arch']}: export it as .safetensors "
+                         "(`dino export`, the default format), which timm loads")
+
+
 def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().cpu().clone() for k, v in state.items()}
 
@@ -201,6 +233,7 @@ def reference_backbone_state(backbone: dict[str, Tensor],
                              table_px: int | None = REFERENCE_TABLE_PX) -> dict[str, Tensor]:
     """Our backbone state dict as a released backbone file holds it (a ViT's position table
     resampled to ``table_px``; None keeps it)."""
+    _dino_v1_only(backbone)
     return _cpu(_table_for_reference(backbone, table_px))
 
 
@@ -214,6 +247,7 @@ def reference_checkpoint(teacher: dict[str, Tensor], student: dict[str, Tensor] 
     ``patch_size``, ``out_dim`` and ``use_bn_in_head`` always come from the tensors.
     """
     backbone, head = keys.split_wrapper(teacher)
+    _dino_v1_only(backbone)
     meta = keys.backbone_meta(backbone)
     batchnorm = any(k.endswith("running_mean") for k in teacher)
 

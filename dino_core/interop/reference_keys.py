@@ -20,7 +20,9 @@ from typing import Any
 
 import torch
 
+from dino_core.interop.meta import family_meta
 from dino_core.models.backbone import VIT_SIZES
+from dino_core.models.families import FAMILY_ARCHS
 
 Tensor = torch.Tensor
 _G_OURS, _V_OURS = "last_layer.parametrizations.weight.original0", \
@@ -83,7 +85,11 @@ def head_to_reference(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def backbone_meta(state: dict[str, Tensor]) -> dict[str, Any]:
     """``{"arch", "patch_size", "depth", "img_size"}`` (``build_backbone``'s arguments) of a
     backbone state dict in our names; ``depth`` is None at the architecture's 12 blocks and
-    ``img_size`` is the side the position table is laid out for."""
+    ``img_size`` is the side the position table is laid out for. DINOv2 / DINOv3 state dicts
+    (``dino_core.interop.meta.family_meta``) give their family's arch."""
+    family = family_meta(state)
+    if family is not None:
+        return family
     if "pos_embed" in state:
         dim = state["pos_embed"].shape[-1]
         if dim not in _ARCH_OF_DIM:
@@ -112,6 +118,10 @@ def describe(meta: dict[str, Any]) -> str:
     """``vit_small/16, depth 12, 224 px position table``-style text of ``backbone_meta``."""
     if meta["arch"] == "resnet50":
         return "resnet50"
+    if meta["arch"] in FAMILY_ARCHS:
+        f = FAMILY_ARCHS[meta["arch"]]
+        where = "RoPE" if f.family == "dinov3" else f"{meta['img_size']} px position table"
+        return f"{meta['arch']}, depth {meta['depth'] or f.depth}, {where}"
     depth = meta["depth"] or VIT_SIZES[meta["arch"]]["depth"]
     return (f"{meta['arch']}/{meta['patch_size']}, depth {depth}, "
             f"{meta['img_size']} px position table")

@@ -16,6 +16,35 @@ def identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def dino_cross_entropy(
+    student_out: torch.Tensor, teacher_p: torch.Tensor, student_temp: float, n_global: int = 2
+) -> torch.Tensor:
+    """``1/P sum_{q, v != q} -p_q . log softmax(s_v / tau_s)``, each term a mean over the
+    batch, ``P = n_global (n_crops - 1)`` (Caron et al. 2021, Eq. 3): the cross-entropy part of
+    ``DINOLoss`` given the teacher's targets, whichever way they were centred (EMA center,
+    Sinkhorn-Knopp).
+
+    Args:
+        student_out: ``(n_crops * B, K)``, rows grouped by crop (global crops first).
+        teacher_p: ``(n_global * B, K)`` probabilities (no gradient flows into them).
+        student_temp: tau_s.
+        n_global: number of global crops.
+    """
+    n_crops = student_out.shape[0] // (teacher_p.shape[0] // n_global)
+    student_logp = F.log_softmax(student_out.float() / student_temp, dim=-1).chunk(n_crops)
+    teacher_chunks = teacher_p.detach().chunk(n_global)
+    # sum_{v != q} -p_q . log p_v without a (teacher, student) pair loop: the local views'
+    # log-probabilities are summed once and shared by every teacher view
+    local_sum: torch.Tensor | float = (
+        torch.stack(student_logp[n_global:]).sum(0) if n_crops > n_global else 0.0
+    )
+    total = student_out.new_zeros((), dtype=torch.float32)
+    for q, p in enumerate(teacher_chunks):
+        others = sum((student_logp[g] for g in range(n_global) if g != q), local_sum)
+        total = total - (p * others).sum(dim=-1).mean()
+    return total / (n_global * (n_crops - 1))
+
+
 class DINOLoss(nn.Module):
     """``H(P_t, P_s)`` averaged over every (teacher global view, student view) pair but the
     same view, with the teacher's output centred and sharpened.
@@ -66,26 +95,10 @@ class DINOLoss(nn.Module):
         Returns:
             The scalar loss (fp32).
         """
-        n_crops = student_out.shape[0] // (teacher_out.shape[0] // n_global)
-        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(
-            n_crops
-        )
         # stop-gradient: the teacher only receives the EMA of the student
         with torch.no_grad():
-            teacher_p = F.softmax(
-                (teacher_out.float() - self.center) / teacher_temp, dim=-1
-            ).chunk(n_global)
-
-        # sum_{v != q} -p_q . log p_v without a (teacher, student) pair loop: the local views'
-        # log-probabilities are summed once and shared by every teacher view
-        local_sum: torch.Tensor | float = (
-            torch.stack(student_logp[n_global:]).sum(0) if n_crops > n_global else 0.0
-        )
-        total = student_out.new_zeros((), dtype=torch.float32)
-        for q, p in enumerate(teacher_p):
-            others = sum((student_logp[g] for g in range(n_global) if g != q), local_sum)
-            total = total - (p * others).sum(dim=-1).mean()
-        loss = total / (n_global * (n_crops - 1))
+            teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1)
+        loss = dino_cross_entropy(student_out, teacher_p, self.student_temp, n_global)
         if update_center:
             self.update_center(teacher_out)
         return loss

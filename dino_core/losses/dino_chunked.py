@@ -105,6 +105,34 @@ def chunked_dino_loss(
     return loss
 
 
+def chunked_dino_cross_entropy(
+    student_z: torch.Tensor,
+    teacher_p: torch.Tensor,
+    weight: torch.Tensor,
+    student_temp: float,
+    n_global: int = 2,
+    chunk: int = 8192,
+) -> torch.Tensor:
+    """``chunked_dino_loss`` with the teacher's targets given: ``(n_global * B, K)``
+    probabilities, however they were centred (Sinkhorn-Knopp in the DINOv2 recipe). Equals
+    ``dino_cross_entropy(student_z @ weight.T, teacher_p, ...)``."""
+    k = weight.shape[0]
+    if teacher_p.dim() != 2 or teacher_p.shape[1] != k or teacher_p.shape[0] % n_global:
+        raise ValueError(f"teacher_p is {tuple(teacher_p.shape)}, expected (n_global*B, {k})")
+    device_type = student_z.device.type
+    if torch.is_autocast_enabled(device_type):
+        mm_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        mm_dtype = torch.promote_types(student_z.dtype, weight.dtype)
+    acc = torch.promote_types(mm_dtype, torch.float32)
+    with torch.autocast(device_type, enabled=False):
+        loss: torch.Tensor = _FusedDINOCrossEntropy.apply(
+            student_z.to(mm_dtype), weight.to(mm_dtype), teacher_p.detach().to(acc),
+            student_temp, n_global, chunk,
+        )  # fmt: skip
+    return loss
+
+
 class ChunkedDINOLoss(nn.Module):
     """``chunked_dino_loss`` with the center and temperature of a ``DINOLoss``.
 

@@ -13,19 +13,23 @@ How the table is resampled is ``pos_embed_interpolation``: ``"reference"`` (a sm
 DINO ViT's ``interpolate_pos_encoding`` does: bicubic without antialiasing, by the scale
 factor ``(grid + 0.1) / table_side``; ``"timm"`` is timm's ``resample_abs_pos_embed``
 (antialiased bicubic to the exact size). They agree at the table's own grid and differ
-elsewhere (local crops, evaluation at another size).
+elsewhere (local crops, evaluation at another size); both live in ``position``.
+
+Meta's DINOv2 and DINOv3 families (``dinov2_vits14``, ``dinov2_vits14_reg4``,
+``dinov3_vits16``, ...: ``families.FAMILY_ARCHS``) are built by ``families``; their patch
+size is the family's (14 or 16).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Literal
-
 import torch
-import torch.nn.functional as F
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models import resnet50
+
+from dino_core.models import families
+from dino_core.models.position import DinoVisionTransformer, PosEmbedInterpolation
 
 # Widths of the DINO paper's Table 1 (ViT-S has 6 heads of 64 dims, as in DeiT).
 VIT_SIZES: dict[str, dict[str, int]] = {
@@ -33,63 +37,7 @@ VIT_SIZES: dict[str, dict[str, int]] = {
     "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 6},
     "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12},
 }
-ARCHS = (*VIT_SIZES, "resnet50")
-PosEmbedInterpolation = Literal["reference", "timm"]
-POS_EMBED_INTERPOLATIONS: tuple[str, ...] = ("reference", "timm")
-
-
-def reference_pos_embed(pos_embed: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """The position table ``(1, 1 + N, D)`` (class token first, an ``N = s x s`` grid) for a
-    ``rows x cols`` patch grid, as the reference DINO ViT's ``interpolate_pos_encoding``
-    computes it: unchanged when the grid is the table's; else the patch part, as an
-    ``(1, D, s, s)`` image, bicubic-interpolated (no antialiasing, ``align_corners=False``)
-    by the scale factors ``((rows + 0.1) / s, (cols + 0.1) / s)``, the 0.1 making the floored
-    output size ``rows x cols`` (dino issue #8); the scale factors themselves, not the
-    output size, set the sampling positions (torch >= 1.6 semantics, as in the reference).
-
-    The reference compares the image's pixel sides (``w == h``), this the grid's: they differ
-    only for a non-square image whose square grid equals the table (e.g. 224 x 230 px at
-    patch 16), which the reference resamples by a scale of 14.1 / 14 and this leaves alone.
-    """
-    n = pos_embed.shape[1] - 1
-    if rows * cols == n and rows == cols:
-        return pos_embed
-    side = math.sqrt(n)
-    s = int(side)
-    dim = pos_embed.shape[-1]
-    patch = pos_embed[:, 1:].reshape(1, s, s, dim).permute(0, 3, 1, 2)
-    patch = F.interpolate(patch, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
-                          mode="bicubic")
-    if tuple(patch.shape[-2:]) != (rows, cols):
-        raise RuntimeError(f"interpolated position grid {tuple(patch.shape[-2:])} is not "
-                           f"{(rows, cols)}")
-    patch = patch.permute(0, 2, 3, 1).reshape(1, -1, dim)
-    return torch.cat((pos_embed[:, :1], patch), dim=1)
-
-
-class DinoVisionTransformer(VisionTransformer):
-    """timm's ViT with the reference DINO position-table interpolation (same modules, same
-    state dict; ``pos_embed_interpolation="timm"`` falls back to timm's own code)."""
-
-    def __init__(self, *args: object, pos_embed_interpolation: PosEmbedInterpolation = "reference",
-                 **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
-            raise ValueError(f"pos_embed_interpolation must be one of "
-                             f"{', '.join(POS_EMBED_INTERPOLATIONS)}, got "
-                             f"{pos_embed_interpolation!r}")
-        self.pos_embed_interpolation = pos_embed_interpolation
-
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        table, cls = self.pos_embed, self.cls_token
-        if (self.pos_embed_interpolation != "reference" or not self.dynamic_img_size
-                or table is None or cls is None or self.reg_token is not None
-                or self.no_embed_class):  # a layout the reference has no formula for
-            return super()._pos_embed(x)
-        b, rows, cols, c = x.shape  # dynamic_img_size: patch_embed keeps the (B, H, W, C) grid
-        pos = reference_pos_embed(table, rows, cols)
-        x = torch.cat((cls.expand(b, -1, -1), x.reshape(b, -1, c)), dim=1)
-        return self.pos_drop(x + pos)
+ARCHS = (*VIT_SIZES, "resnet50", *families.FAMILY_ARCHS)
 
 
 def build_backbone(
@@ -104,7 +52,8 @@ def build_backbone(
 
     Args:
         arch: one of ``ARCHS``.
-        patch_size: ViT patch size (16 and 8 in the paper; any size divides the crop).
+        patch_size: ViT patch size (16 and 8 in the paper; any size divides the crop); a
+            DINOv2/DINOv3 arch has its own (14/16), and another value is an error.
         img_size: crop size the position embedding table is laid out for; other sizes are
             interpolated on the fly.
         drop_path_rate: stochastic depth of the student (0.1 in the paper; 0 for the teacher).
@@ -118,6 +67,12 @@ def build_backbone(
         A module mapping images ``(B, 3, H, W)`` to features ``(B, embed_dim)``; its
         ``embed_dim`` attribute gives the width.
     """
+    family = families.family_of(arch)
+    if family is not None:
+        if patch_size != family.patch_size:
+            raise ValueError(f"{arch} has patch size {family.patch_size}, not {patch_size}")
+        return families.build_family_backbone(arch, img_size, drop_path_rate, depth,
+                                              pos_embed_interpolation)
     if arch in VIT_SIZES:
         size = VIT_SIZES[arch]
         vit = DinoVisionTransformer(
@@ -154,11 +109,19 @@ def timm_name(arch: str) -> str:
     ``vit_tiny_patch8_224``)."""
     if arch == "resnet50":
         return "resnet50"
+    if families.family_of(arch) is not None:
+        return families.timm_name(arch)
     return f"{arch}_patch16_224"
 
 
 def is_vit(backbone: nn.Module) -> bool:
-    return isinstance(backbone, VisionTransformer)
+    """A timm ViT (DINO v1's and DINOv2's ``VisionTransformer``, DINOv3's ``Eva``)."""
+    return isinstance(backbone, (VisionTransformer, Eva))
+
+
+def is_rope_vit(backbone: nn.Module) -> bool:
+    """A ViT with rotary position embeddings (DINOv3): its blocks take ``rope=``."""
+    return isinstance(backbone, Eva)
 
 
 @torch.no_grad()

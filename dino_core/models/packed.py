@@ -303,10 +303,13 @@ class PackedMultiCropWrapper(MultiCropWrapper):
     """``MultiCropWrapper`` whose backbone runs once on all crops (``packed_backbone_forward``).
 
     Same parameters and state dict keys (``backbone.*``, ``head.*``), same output rows.
+    In the DINOv2 recipe's masked pass (``forward_masked``) the masked global crops run as
+    one call of their own and the other crops packed together.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, attention: str = "auto") -> None:
-        super().__init__(backbone, head)
+    def __init__(self, backbone: nn.Module, head: nn.Module, attention: str = "auto",
+                 mask_token: bool = False, ibot_head: nn.Module | None = None) -> None:
+        super().__init__(backbone, head, mask_token, ibot_head)
         if attention not in ATTENTIONS:
             raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
         self.attention = attention

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dino_core.models.backbone import is_vit
+from dino_core.models.backbone import is_rope_vit, is_vit
 
 
 def compile_backbone(backbone: nn.Module, mode: str | None = None) -> nn.Module:
@@ -19,9 +19,15 @@ def compile_backbone(backbone: nn.Module, mode: str | None = None) -> nn.Module:
     dynamo compile every block's frame separately under torch 2.11, where the blocks'
     different drop-path rates are guarded constants, so each block recompiled and the
     8-recompile limit left the rest eager (seen on an H100).
+    A RoPE ViT (DINOv3's ``Eva``) passes the rotary table to each block, so its blocks are
+    compiled one by one (their drop-path rates are uniform, so one graph serves them all).
     A ResNet is compiled whole, after switching it to channels-last. ``mode``: torch.compile's
     (``"reduce-overhead"``: CUDA graphs, the step's Python gaps gone once shapes are static).
     """
+    if is_rope_vit(backbone):
+        for block in backbone.blocks:  # type: ignore[union-attr]
+            block.compile(mode=mode)  # type: ignore[operator]
+        return backbone
     if is_vit(backbone):
         blocks = _Blocks(*backbone.blocks)  # type: ignore[union-attr,misc]
         blocks.compile(mode=mode)

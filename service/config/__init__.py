@@ -20,7 +20,13 @@ from service.config.sources import (
     UrlSource,
     parse_source,
 )
-from service.config.specs import backbone_meta, multicrop_spec, network_spec, schedule_spec
+from service.config.specs import (
+    backbone_meta,
+    multicrop_spec,
+    network_spec,
+    recipe_spec,
+    schedule_spec,
+)
 from service.errors import ConfigError
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "network_spec",
     "parse_source",
     "preset_names",
+    "recipe_spec",
     "resolve_paths",
     "schedule_spec",
     "to_yaml",

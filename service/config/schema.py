@@ -15,10 +15,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from dino_core.specs import MULTICROP, NetworkSpec, ScheduleSpec
+from dino_core.specs import MULTICROP, NetworkSpec, RecipeSpec, ScheduleSpec
 from service.config.sources import DataSource, parse_source
 
-NET, SCHED = NetworkSpec(), ScheduleSpec()
+NET, SCHED, RECIPE = NetworkSpec(), ScheduleSpec(), RecipeSpec()
 STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "memory")
 
 
@@ -31,11 +31,39 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _family_patch(arch: str) -> int:
+    """Patch size of a dinov2/dinov3 arch: its name's digits (``dinov2_vits14_reg4`` -> 14)."""
+    return int("".join(ch for ch in arch.split("_")[1] if ch.isdigit()))
+
+
 class ModelConfig(_Section):
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "resnet50"] = Field(
-        NET.arch, description="ViT-S/16 is the paper's main model (Table 2)"
+    arch: Literal[
+        "vit_tiny", "vit_small", "vit_base", "resnet50",
+        "dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14",
+        "dinov2_vits14_reg4", "dinov2_vitb14_reg4", "dinov2_vitl14_reg4", "dinov2_vitg14_reg4",
+        "dinov3_vits16", "dinov3_vitb16", "dinov3_vitl16",
+    ] = Field(
+        NET.arch, description="ViT-S/16 is the paper's main model (Table 2); dinov2_*/dinov3_* "
+        "are Meta's architectures by their hub names (patch 14 / 16, LayerScale, registers, RoPE)"
     )
-    patch_size: int = Field(NET.patch_size, ge=1, le=64, description="16 or 8 in the paper; 8 is ~4x slower")
+    patch_size: int = Field(NET.patch_size, ge=1, le=64, description="16 or 8 in the paper; 8 is ~4x slower; a dinov2/dinov3 arch's own (14/16) when not given")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _family_patch_default(cls, data: object) -> object:
+        """A dinov2/dinov3 arch brings its patch size (the digits of its name) when none is given."""
+        if isinstance(data, dict) and str(data.get("arch", "")).startswith("dinov"):
+            if data.get("patch_size") is None:
+                data = {**data, "patch_size": _family_patch(str(data["arch"]))}
+        return data
+
+    @model_validator(mode="after")
+    def _family_patch_check(self) -> ModelConfig:
+        if self.arch.startswith("dinov") and self.patch_size != _family_patch(self.arch):
+            raise ValueError(f"model.patch_size={self.patch_size} contradicts model.arch="
+                             f"{self.arch}, whose patch size is {_family_patch(self.arch)}; "
+                             "leave model.patch_size out or set it to that")
+        return self
     depth: int | None = Field(NET.depth, ge=1, le=48, description="override of the block count")
     drop_path_rate: float = Field(NET.drop_path_rate, ge=0.0, lt=1.0, description="stochastic depth, student")
     out_dim: int = Field(NET.out_dim, ge=2, description="K prototypes; 65536 works best (Table 9)")
@@ -123,6 +151,39 @@ class LossConfig(_Section):
     warmup_teacher_temp: float = Field(SCHED.warmup_teacher_temp, gt=0, le=1, description="tau_t at epoch 0")
     warmup_teacher_temp_epochs: int = Field(SCHED.warmup_teacher_temp_epochs, ge=0, description="paper: 30 when warming up")
     center_momentum: float = Field(0.9, ge=0, lt=1, description="m of the center (paper: 0.9)")
+    # the DINOv2/DINOv3 recipe (dino_core.recipe); every part off by default: DINO v1
+    centering: Literal["ema", "sinkhorn_knopp"] = Field(
+        RECIPE.centering, description="teacher targets of the DINO and iBOT terms: ema "
+        "(DINO's running center; dinov2's default config) or sinkhorn_knopp (dinov2's large "
+        "runs, dinov3)")
+    sinkhorn_iterations: int = Field(RECIPE.sinkhorn_iterations, ge=1, le=100, description="dinov2: 3")
+    ibot_weight: float = Field(
+        RECIPE.ibot_weight, ge=0, description="iBOT masked-patch loss (dinov2: 1.0); 0: no "
+        "masks, no mask token (DINO v1); needs a ViT")
+    ibot_separate_head: bool = Field(
+        NET.ibot_separate_head, description="a head of its own for the patches (dinov2's "
+        "ibot.separate_head, off in its default config)")
+    ibot_center_momentum: float = Field(RECIPE.ibot_center_momentum, ge=0, lt=1, description="m of the iBOT center (dinov2: 0.9)")
+    mask_probability: float = Field(
+        RECIPE.mask_probability, ge=0, le=1, description="fraction of global crops masked "
+        "(dinov2: 0.5)")
+    mask_ratio: tuple[float, float] = Field(
+        RECIPE.mask_ratio, description="range of a masked crop's patch fraction, spread "
+        "evenly over each batch (dinov2: [0.1, 0.5])")
+    koleo_weight: float = Field(
+        RECIPE.koleo_weight, ge=0, description="KoLeo on the student's global CLS features "
+        "(dinov2: 0.1); 0: off")
+    koleo_distributed: bool = Field(
+        RECIPE.koleo_distributed, description="nearest neighbours among every rank's rows "
+        "(dinov3); false: this rank's batch (dinov2)")
+
+    @field_validator("mask_ratio")
+    @classmethod
+    def _check_ratio(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"need 0 <= low < high <= 1, got ({lo}, {hi})")
+        return value
 
 
 class OptimConfig(_Section):
@@ -139,6 +200,31 @@ class OptimConfig(_Section):
     momentum_teacher: float = Field(
         SCHED.momentum_teacher, ge=0, lt=1, description="EMA base: 0.996 at batch 1024, 0.9995 at 256"
     )
+    lr_scaling: Literal["linear", "sqrt"] = Field(
+        SCHED.lr_scaling, description="linear: lr x batch / 256 (the paper); sqrt: lr x "
+        "sqrt(batch / 1024), dinov2's sqrt_wrt_1024 (lr is then the lr at batch 1024)")
+    layer_decay: float = Field(
+        RECIPE.layer_decay, gt=0, le=1, description="layer-wise lr decay: block i of L gets "
+        "lr x decay^(L - i) (dinov2: 0.9); 1: none; needs a ViT")
+    patch_embed_lr_mult: float = Field(
+        RECIPE.patch_embed_lr_mult, gt=0, le=1, description="lr multiplier of the patch "
+        "embedding (dinov2: 0.2); 1: none")
+
+
+class GramConfig(_Section):
+    """DINOv3's Gram anchoring (Siméoni et al. 2025, Sec. 4.2): off unless weight > 0."""
+
+    weight: float = Field(RECIPE.gram_weight, ge=0, description="loss weight after the ramp (dinov3: 2.0); 0: off")
+    start_step: int = Field(
+        RECIPE.gram_start_step, ge=0, description="first step with anchoring; the teacher "
+        "is snapshotted then (dinov3: after its main phase, 1,000,000 steps)")
+    ramp_steps: int = Field(RECIPE.gram_ramp_steps, ge=0, description="half-cosine rise of the weight (dinov3: 1,000)")
+    refresh_every_steps: int = Field(
+        RECIPE.gram_refresh_every_steps, ge=0, description="re-snapshot the teacher at "
+        "every multiple of this after the start (dinov3: 10,000); 0: never")
+    max_refreshes: int | None = Field(RECIPE.gram_max_refreshes, ge=0, description="cap on re-snapshots (dinov3: 3); None: no cap")
+    img_level: bool = Field(RECIPE.gram_img_level, description="one Gram matrix per crop (dinov3's anchoring); false: over the batch")
+    remove_neg: bool = Field(RECIPE.gram_remove_neg, description="clamp negative similarities to 0 (dinov3: false)")
 
 
 class TrainConfig(_Section):
@@ -295,6 +381,7 @@ class DinoConfig(_Section):
     aug: AugConfig = Field(default_factory=AugConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
+    gram: GramConfig = Field(default_factory=GramConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
@@ -303,6 +390,13 @@ class DinoConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DinoConfig:
+        if self.model.arch == "resnet50":  # the recipe's parts that need patch tokens or blocks
+            for name, value, off in (("loss.ibot_weight", self.loss.ibot_weight, 0.0),
+                                     ("gram.weight", self.gram.weight, 0.0),
+                                     ("optim.layer_decay", self.optim.layer_decay, 1.0)):
+                if value != off:
+                    raise ValueError(f"{name}={value:g} needs a ViT (model.arch=resnet50 "
+                                     f"has no patch tokens or blocks); use {off:g}")
         batch, r = self.train.batch_size, self.ray
         for workers in range(r.min_workers, r.max_workers + 1):
             if not batch % workers:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dino_core.specs import MultiCropSpec, NetworkSpec, ScheduleSpec
+from dino_core.specs import MultiCropSpec, NetworkSpec, RecipeSpec, ScheduleSpec
 from service.config.schema import DinoConfig
 
 
@@ -25,7 +25,18 @@ def _shared(spec: type, *sections: BaseModel) -> dict[str, Any]:
 
 
 def network_spec(cfg: DinoConfig) -> NetworkSpec:
-    return NetworkSpec(img_size=cfg.aug.global_size, **_shared(NetworkSpec, cfg.model))
+    ibot = cfg.loss.ibot_weight > 0  # the mask token and the iBOT head only with iBOT
+    return NetworkSpec(img_size=cfg.aug.global_size, mask_token=ibot,
+                       ibot_separate_head=ibot and cfg.loss.ibot_separate_head,
+                       **_shared(NetworkSpec, cfg.model))
+
+
+def recipe_spec(cfg: DinoConfig) -> RecipeSpec:
+    """The recipe's settings: ``loss.*`` and ``optim.*`` by name, ``gram.x`` as ``gram_x``."""
+    shared = _shared(RecipeSpec, cfg.loss, cfg.optim)
+    shared["mask_ratio"] = tuple(shared["mask_ratio"])
+    gram = {f"gram_{k}": v for k, v in cfg.gram.model_dump().items()}
+    return RecipeSpec(**shared, **gram)
 
 
 def schedule_spec(cfg: DinoConfig) -> ScheduleSpec:

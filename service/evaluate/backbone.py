@@ -23,15 +23,16 @@ from service.errors import CheckpointError
 from service.storage import checkpoints as ckpt
 
 WEIGHTS = ("teacher", "student", "random")
-BACKBONE_FILES = (".safetensors", ".pth")  # exported by us; the reference DINO code's
+BACKBONE_FILES = (".safetensors", ".pth")  # exported by us; the reference DINO code's, Meta's
 log = logging.getLogger(__name__)
 
 
 def load_backbone(uri: str, which: str = "teacher") -> tuple[nn.Module, DinoConfig | None]:
     """The backbone of a checkpoint directory/URL, of a run folder (its newest complete
-    checkpoint), of an exported ``.safetensors`` file or of a reference DINO ``.pth`` file
-    (main_dino's ``checkpoint.pth`` or a released backbone file such as
-    ``dino_deitsmall16_pretrain.pth``).
+    checkpoint), of an exported ``.safetensors`` file or of a ``.pth`` file: the reference
+    DINO code's (main_dino's ``checkpoint.pth`` or a released backbone file such as
+    ``dino_deitsmall16_pretrain.pth``) or Meta's DINOv2 / DINOv3 backbone files
+    (``dinov2_vits14_pretrain.pth``, ``dinov3_vits16_pretrain_lvd1689m-*.pth``).
 
     ``which``: the checkpoint's ``teacher`` or ``student`` (a backbone file holds only the
     former), or ``random``: the same architecture freshly initialised (seeded by the run's

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from dino_core.data.davis import DavisVideos, write_masks
 from dino_core.data.video import ProceduralVideos
@@ -22,6 +21,7 @@ from dino_core.eval.video import (
     vit_frame_features,
 )
 from dino_core.eval.video_metrics import summarize, video_scores
+from dino_core.models.backbone import is_vit
 from service import storage
 from service.evaluate.backbone import load_backbone
 
@@ -88,7 +88,7 @@ def video_eval(checkpoint: str, data: str = "procedural", which: str = "teacher"
         raise ValueError(f"--image-size must be positive, got {image_size}")
     dataset = video_set(data, split, videos, frames, frame_side, seed)
     model, _ = load_backbone(checkpoint, which)
-    if not isinstance(model, VisionTransformer):
+    if not is_vit(model):
         raise ValueError(f"video segmentation propagates labels between ViT patch tokens; "
                          f"{checkpoint} holds a {type(model).__name__}, which has none")
     dev = _device(device)

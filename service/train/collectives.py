@@ -7,6 +7,8 @@ gloo group of its own, on host tensors: the ranks' hosts meet, but none waits fo
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -15,6 +17,25 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / dist.get_world_size()
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks (Sinkhorn-Knopp, the iBOT center: ``dino_core``'s injected sum)."""
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def all_gather_rows_differentiable(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``(B, D)`` rows, rank order, and the index of this rank's first row: the
+    distributed KoLeo's gather. Differentiable (``torch.distributed.nn``), so a neighbour's
+    side of a distance sends its gradient to the rank that owns it; every rank holds B rows."""
+    from torch.distributed.nn.functional import all_gather
+
+    with warnings.catch_warnings():  # torch 2.14 points to a private successor; this one works
+        warnings.simplefilter("ignore", FutureWarning)
+        parts = all_gather(x)
+    return torch.cat(parts), dist.get_rank() * x.shape[0]
 
 
 def _on_backend(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -2,12 +2,17 @@
 and step counter (``train.resume`` continues a run instead, and wins when both apply).
 
 The source is a reference DINO file (main_dino's ``checkpoint.pth``, or a released backbone
-file such as ``dino_deitsmall16_pretrain.pth``), one of our checkpoints (a directory, URL or
+file such as ``dino_deitsmall16_pretrain.pth``), a Meta DINOv2 / DINOv3 backbone file
+(``dinov2_vits14_pretrain.pth``, ``dinov3_vits16_pretrain_lvd1689m-*.pth``: its mask token
+goes into the student's iBOT mask token when the student has one of that shape), one of our
+checkpoints (a directory, URL or
 run folder) or an exported ``.safetensors`` backbone. A checkpoint's teacher goes into the
 teacher and its student into the student, heads included, and its center into the loss;
 a backbone file's backbone goes into both, and the heads stay freshly initialised. A
-position table laid out for another crop size is resampled to the run's by the reference
-formula (what the reference model computes at that size); any other difference of shapes is
+position table laid out for another crop size is resampled to the run's as the file's own
+model resamples it (the reference formula for DINO v1 and Meta's plain DINOv2 tables;
+antialiased to the exact size for Meta's register models, whose tables have no CLS entry
+here); any other difference of shapes is
 an error naming the keys and the settings that would match.
 """
 
@@ -26,7 +31,7 @@ from torch import nn
 from dino_core.interop import reference_keys as keys
 from dino_core.interop.export import backbone_state_from_checkpoint, read_metadata
 from dino_core.interop.reference import read_reference
-from dino_core.models.backbone import reference_pos_embed
+from dino_core.models.position import reference_pos_embed, timm_pos_embed
 from service import storage
 from service.errors import CheckpointError
 from service.storage import checkpoints as ckpt
@@ -46,6 +51,8 @@ class InitWeights:
     backbones: dict[str, dict[str, Tensor]]
     heads: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     center: Tensor | None = None
+    mask_token: Tensor | None = None  # Meta's files: iBOT's learned token (1, D)
+    notes: list[str] = field(default_factory=list)
 
 
 def _local(uri: str) -> str:
@@ -57,9 +64,11 @@ def _local(uri: str) -> str:
 def read_init_weights(uri: str) -> InitWeights:
     if uri.endswith(".pth"):
         ref = read_reference(_local(uri))
-        what = (f"reference checkpoint (epoch {ref.epoch})" if ref.kind == "checkpoint"
-                else "reference backbone file")
-        return InitWeights(what, ref.backbones, ref.heads, ref.center)
+        what = {"checkpoint": f"reference checkpoint (epoch {ref.epoch})",
+                "backbone": "reference backbone file"}.get(ref.kind,
+                                                            f"Meta's {ref.kind} backbone file")
+        return InitWeights(what, ref.backbones, ref.heads, ref.center, ref.mask_token,
+                           list(ref.notes))
     if uri.endswith(".safetensors"):
         local = _local(uri)
         if read_metadata(local).get("format") != "dino-backbone-v1":
@@ -89,11 +98,17 @@ def _load(module: nn.Module, state: dict[str, Tensor], part: str, uri: str,
     pos, mine = state.get("pos_embed"), own.get("pos_embed")
     if pos is not None and mine is not None and pos.shape != mine.shape \
             and pos.shape[-1] == mine.shape[-1]:
-        side = math.isqrt(mine.shape[1] - 1)
+        # a table of s * s entries has no CLS entry (Meta's register models, timm's resize);
+        # one of 1 + s * s has (DINO v1, Meta's plain DINOv2: the reference formula)
+        prefix = 0 if math.isqrt(pos.shape[1]) ** 2 == pos.shape[1] else 1
+        side = math.isqrt(mine.shape[1] - prefix)
         with torch.no_grad():
-            state["pos_embed"] = reference_pos_embed(pos.float(), side, side).to(pos.dtype)
-        note = (f"position table resampled from {pos.shape[1] - 1} to {side * side} patches "
-                "(the reference formula)")
+            table = (timm_pos_embed(pos.float(), side, side, num_prefix_tokens=0) if prefix == 0
+                     else reference_pos_embed(pos.float(), side, side))
+            state["pos_embed"] = table.to(pos.dtype)
+        way = "antialiased, as Meta's register models" if prefix == 0 else "the reference formula"
+        note = (f"position table resampled from {pos.shape[1] - prefix} to {side * side} "
+                f"patches ({way})")
         if note not in notes:
             notes.append(note)
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
@@ -135,6 +150,19 @@ def apply_init_from(uri: str, student: nn.Module, teacher: nn.Module,
         _load(teacher.head, teacher_head, "head", uri, notes)
         _load(student.head, w.heads.get("student", teacher_head), "head", uri, notes)
         loaded.append("heads")
+    notes.extend(w.notes)
+    if w.mask_token is not None:
+        token = getattr(student, "mask_token", None)
+        if isinstance(token, Tensor) and token.shape == w.mask_token.shape:
+            with torch.no_grad():  # the teacher's too: the EMA keeps the two together
+                for net in (student, teacher):
+                    mine = getattr(net, "mask_token", None)
+                    if isinstance(mine, Tensor) and mine.shape == token.shape:
+                        mine.copy_(w.mask_token.to(mine))
+            loaded.append("mask token")
+        else:
+            notes.append(f"mask token {tuple(w.mask_token.shape)} dropped (the student has "
+                         "no iBOT mask token of that shape)")
     center = getattr(dino_loss, "center", None)
     if w.center is not None and isinstance(center, Tensor):
         if w.center.numel() == center.numel():

@@ -20,6 +20,7 @@ import torch
 from dino_core import NonFiniteLossError, train_step
 from dino_core.augment.full import full_image_views
 from dino_core.interop.export import backbone_state_from_checkpoint, save_backbone
+from dino_core.step_recipe import train_step_recipe
 from service import data, storage
 from service.config import DinoConfig, backbone_meta, to_yaml
 from service.config.specs import run_metadata
@@ -159,11 +160,15 @@ class Loop:
         yield from loader
 
     def seed_step(self) -> None:
-        """The step's own seeds: torch's (drop-path, ...) and the batched augmentation's."""
+        """The step's own seeds: torch's (drop-path, ...), the batched augmentation's and the
+        iBOT masks' (so a resumed run draws the masks it would have drawn)."""
         t, rank, step = self.cfg.train, self.ctx.rank, self.state.global_step
         seed_everything(t.seed, rank, step, 1)
         self.aug_gen = torch.Generator().manual_seed(int(np.random.default_rng(
             (t.seed, rank, step, 7)).integers(2**62)))
+        if self.state.mask_sampler is not None:
+            self.state.mask_sampler.generator.manual_seed(int(np.random.default_rng(
+                (t.seed, rank, step, 11)).integers(2**62)))
 
     def step(self, batch: Any) -> None:
         s, device = self.state, self.ctx.device
@@ -178,13 +183,16 @@ class Loop:
         values = s.sched.at(s.global_step)
         out = None
         try:
-            out = train_step(
-                student=self.model, teacher=s.teacher, loss_fn=s.loss_fn,
-                optimizer=s.optimizer, crops=crops, values=values, step=s.global_step,
-                freeze_last_layer=s.epoch < self.cfg.optim.freeze_last_layer,
-                ema_params=s.ema_params, cfg=s.step_cfg, scaler=s.scaler,
-                clip_module=s.student,
-            )
+            common = dict(student=self.model, teacher=s.teacher, optimizer=s.optimizer,
+                          crops=crops, values=values, step=s.global_step,
+                          freeze_last_layer=s.epoch < self.cfg.optim.freeze_last_layer,
+                          ema_params=s.ema_params, cfg=s.step_cfg, scaler=s.scaler,
+                          clip_module=s.student)
+            if s.recipe_loss is None:  # DINO v1
+                out = train_step(loss_fn=s.loss_fn, **common)
+            else:  # the DINOv2/DINOv3 recipe: masks of the global crops drawn on the host
+                out = train_step_recipe(losses=s.recipe_loss, masks=self.masks(len(crops[0])),
+                                        gram=s.gram, **common)
             self.guard.record(out, s.global_step)
         except NonFiniteLossError as err:
             self.guard.failed(err)
@@ -201,6 +209,15 @@ class Loop:
                       "skipped_images": self.skipped_images, "nonfinite_steps": self.guard.skipped,
                       "world_size": self.ctx.world_size})
             self.progress.new_window()
+
+    def masks(self, batch: int) -> torch.Tensor:
+        """``(n_global * B, N)`` iBOT masks of this step's global crops (all False without
+        iBOT: KoLeo, Sinkhorn-Knopp or Gram alone mask nothing)."""
+        s = self.state
+        n = s.step_cfg.n_global * batch
+        if s.mask_sampler is not None:
+            return s.mask_sampler(n)
+        return torch.zeros(n, s.mask_grid[0] * s.mask_grid[1], dtype=torch.bool)
 
     def check_unreadable(self) -> None:
         """Stops the run when more than ``data.max_unreadable_fraction`` of the images it

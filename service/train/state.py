@@ -24,11 +24,19 @@ from dino_core import (
     ema_parameter_lists,
 )
 from dino_core.losses.dino import identity
+from dino_core.losses.koleo import no_gather
+from dino_core.masking import MaskSampler
 from dino_core.models import compile_backbone
+from dino_core.models.masked import patch_grid
 from dino_core.models.packed import PackedMultiCropWrapper
-from service.config import DinoConfig, backbone_meta, network_spec, schedule_spec
+from dino_core.recipe import GramAnchor, RecipeLoss
+from service.config import DinoConfig, backbone_meta, network_spec, recipe_spec, schedule_spec
 from service.storage import checkpoints as ckpt
-from service.train.collectives import all_reduce_mean
+from service.train.collectives import (
+    all_gather_rows_differentiable,
+    all_reduce_mean,
+    all_reduce_sum,
+)
 from service.train.context import RunContext
 from service.train.progress import say
 
@@ -66,9 +74,12 @@ class TrainState:
         world = ctx.world_size
         self.student, self.teacher = build_networks(network_spec(cfg))
         if cfg.train.packed_crops != "off":  # the same modules and keys, one call for all crops
-            mode = cfg.train.packed_crops
-            self.student = PackedMultiCropWrapper(self.student.backbone, self.student.head, mode)
-            self.teacher = PackedMultiCropWrapper(self.teacher.backbone, self.teacher.head, mode)
+            mode, masked = cfg.train.packed_crops, hasattr(self.student, "mask_token")
+            self.student = PackedMultiCropWrapper(self.student.backbone, self.student.head, mode,
+                                                  masked, self.student.ibot_head)
+            self.teacher = PackedMultiCropWrapper(self.teacher.backbone, self.teacher.head, mode,
+                                                  masked, self.teacher.ibot_head)
+            self.teacher.requires_grad_(False)
         if world > 1 and self.device.type == "cuda":
             # BN heads and ResNets normalise over the global batch, as the reference does;
             # torch has no SyncBatchNorm on CPU, where each worker uses its own batch
@@ -79,10 +90,29 @@ class TrainState:
         self.ema_params = ema_parameter_lists(self.teacher, self.student)
         # a deferred non-finite check skips bad steps inside the fused AdamW kernel
         self.defer_check = switch(cfg.train.defer_nonfinite_check, self.device)
-        self.optimizer = build_optimizer(self.student, fused=True if self.defer_check else None)
+        self.recipe = r = recipe_spec(cfg)
+        self.optimizer = build_optimizer(self.student, fused=True if self.defer_check else None,
+                                         layer_decay=r.layer_decay,
+                                         patch_embed_lr_mult=r.patch_embed_lr_mult)
         reduce = all_reduce_mean if world > 1 else identity
         self.loss_fn = DINOLoss(cfg.model.out_dim, cfg.loss.student_temp,
                                 cfg.loss.center_momentum, reduce).to(self.device)
+        # the DINOv2/DINOv3 recipe: its losses (the iBOT center), the masks of the global
+        # crops (a generator per rank, reseeded every step) and the Gram teacher's snapshot
+        self.recipe_loss: RecipeLoss | None = None
+        self.mask_sampler: MaskSampler | None = None
+        self.gram: GramAnchor | None = None
+        if r.active:
+            self.recipe_loss = RecipeLoss(
+                self.loss_fn, r, all_reduce_sum if world > 1 else identity,
+                all_gather_rows_differentiable if world > 1 else no_gather,
+                cfg.train.fused_head_loss).to(self.device)
+            self.mask_grid = patch_grid(self.student.backbone, cfg.aug.global_size)
+            if r.masked:
+                self.mask_sampler = MaskSampler(self.mask_grid, cfg.train.seed,
+                                                r.mask_probability, r.mask_ratio)
+            if r.gram_weight > 0:
+                self.gram = GramAnchor(self.teacher.backbone, r).to(self.device)
         self.amp_dtype = autocast_dtype(cfg.train.precision, self.device)
         self.scaler = (torch.amp.GradScaler(self.device.type)
                        if self.amp_dtype == torch.float16 else None)
@@ -127,6 +157,7 @@ class TrainState:
             "teacher": self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "center": self.loss_fn.center.detach().cpu(),
+            **self.recipe_state(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -139,11 +170,28 @@ class TrainState:
             "backbone_meta": backbone_meta(self.cfg),
         }
 
+    def recipe_state(self) -> dict[str, Any]:
+        """The recipe's own state: the iBOT center, the mask generator, the Gram snapshot."""
+        out: dict[str, Any] = {}
+        if self.recipe_loss is not None:
+            out["ibot_center"] = self.recipe_loss.ibot.center.detach().cpu()
+        if self.mask_sampler is not None:
+            out["masks"] = self.mask_sampler.state_dict()
+        if self.gram is not None:
+            out["gram_teacher"] = self.gram.backbone.state_dict()
+        return out
+
     def load_state_dict(self, s: dict[str, Any]) -> None:
         self.student.load_state_dict(s["student"], strict=True)
         self.teacher.load_state_dict(s["teacher"], strict=True)
         self.optimizer.load_state_dict(s["optimizer"])
         self.loss_fn.center.copy_(s["center"].to(self.device))
+        if self.recipe_loss is not None:
+            self.recipe_loss.ibot.center.copy_(s["ibot_center"].to(self.device))
+        if self.mask_sampler is not None:
+            self.mask_sampler.load_state_dict(s["masks"])
+        if self.gram is not None:
+            self.gram.backbone.load_state_dict(s["gram_teacher"], strict=True)
         if self.scaler and s.get("scaler"):
             self.scaler.load_state_dict(s["scaler"])
         self.epoch, self.batch_in_epoch = s["epoch"], s["batch_in_epoch"]
