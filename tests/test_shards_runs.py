@@ -59,12 +59,19 @@ def _keys(trace: Path, epoch: int) -> list[str]:
 
 @pytest.mark.budget(150)
 def test_two_workers_each_read_their_shards_once_per_epoch(packed, module_ray, tmp_path):
+    """Also the 2-worker Ray run of the DINOv2/v3 recipe (issue 23): iBOT, KoLeo across ranks
+    and Sinkhorn-Knopp centering, whose sums run over both workers, train to the end."""
     trace = tmp_path / "trace"
     out = dino("train", *RUN, f"data.path={packed}", f"storage.root={tmp_path}",
                f"ray.address={module_ray.address}",
                "run_name=cover", "ray.num_workers=2", "ray.cpus_per_worker=0.5",
-               "train.epochs=2", f"data.trace_dir={trace}", "tracking.enabled=false")
+               "train.epochs=2", f"data.trace_dir={trace}", "tracking.enabled=false",
+               "loss.ibot_weight=1.0", "loss.koleo_weight=0.1", "loss.koleo_distributed=true",
+               "loss.centering=sinkhorn_knopp")
     assert "step 12/12" in out.stdout
+    newest = ckpt.resolve(str(tmp_path / "cover"))
+    _, state = ckpt.load(newest)
+    assert any("mask_token" in k for k in state["student"]), sorted(state["student"])[:5]
     per_epoch = []
     for epoch in (0, 1):
         ranks = {f.name.split("-")[1] for f in trace.glob(f"epoch{epoch}-*.txt")}
