@@ -22,12 +22,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from dino_core.losses.dino import identity
+
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Centering = Literal["ema", "sinkhorn_knopp"]
-
-
-def identity(x: torch.Tensor) -> torch.Tensor:
-    return x
 
 
 def _valid_rows(
