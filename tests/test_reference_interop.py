@@ -239,6 +239,9 @@ def test_a_file_holding_other_objects_is_refused_before_anything_runs(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="junk.pth"):
         read_reference(tmp_path / "junk.pth")
+    (tmp_path / "notes.pth").write_text("junk\n")  # torch's legacy reader: a KeyError
+    with pytest.raises(ValueError, match=r"notes\.pth is not a readable torch file"):
+        read_reference(tmp_path / "notes.pth")
     torch.save({"state_dict": {"a": 1}}, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="neither a main_dino checkpoint"):
         read_reference(tmp_path / "other.pth")

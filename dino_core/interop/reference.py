@@ -104,8 +104,10 @@ def safe_load(path: str | Path) -> Any:
         detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
         raise ValueError(f"{path} is not a torch file that loads with weights_only=True: "
                          f"{detail.group(1) if detail else text.splitlines()[0]}") from None
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable torch file: {err}") from None
+    except (RuntimeError, EOFError, KeyError) as err:
+        # KeyError: a file whose first bytes are no torch magic number (e.g. text) fails in
+        # torch's legacy reader with the number it read
+        raise ValueError(f"{path} is not a readable torch file: {err!r}") from None
 
 
 def _is_tensor_dict(obj: Any) -> bool:
