@@ -17,6 +17,14 @@ import pytest
 
 from service.devtools import stack
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
+# default) and sees a finished training function only at a poll: a 1-worker run returned from
+# fit() 5.0 s after its loop ended (two polls, then the shutdown), 1.0 s with 0.2 s polls
+# (measured 2026-12-03). 0.5 s here, for every Ray the tests start: set in this process, it
+# reaches the `dino` subprocesses, their local Rays and the `ray start` clusters. Production
+# keeps Ray's default (a poll of every worker of a large group 4 times a second is not free).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
 # ---------------------------------------------------------------------------- time budget
 # Every test must end within its budget: ``@pytest.mark.budget(seconds)`` beside the test,
 # else DEFAULT_BUDGET_S. The budget covers setup, call and teardown, fixtures included (a

@@ -1,5 +1,6 @@
 """The first-hour fixes that need a real run (issue 17): training while MLflow does not
-answer, Ctrl-C, ``--json`` on stdout alone, ``dino jobs list`` on an empty cluster."""
+answer, Ctrl-C, ``--json`` on stdout alone. (``dino jobs list`` on an empty cluster: in
+test_submit, on the session's cluster before its first job.)"""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -77,18 +77,3 @@ def test_ctrl_c_says_how_to_resume_and_marks_the_mlflow_run_killed(tmp_path, ray
     run = client.search_runs([client.get_experiment_by_name("dino").experiment_id],
                              "tags.`dino.run_name` = 'stopme'")[0]  # fmt: skip
     assert run.info.status == "KILLED"
-
-
-@pytest.mark.budget(60)
-def test_jobs_list_on_an_empty_cluster_says_so(tmp_path):
-    temp_dir = tempfile.mkdtemp(prefix="dino-ray-")
-    head = stack.start_ray_head(tmp_path / "logs", temp_dir=temp_dir, num_cpus=1)
-    try:
-        env = {**os.environ, **{k: v for k, v in head.env.items() if k.startswith("RAY_AUTH")}}
-        out = subprocess.run([sys.executable, "-m", "service.cli", "jobs", "list", "--address",
-                              head.dashboard_url], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert out.stdout.strip() == f"no jobs on {head.dashboard_url}"
-    finally:
-        stack.stop(head)
