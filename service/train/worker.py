@@ -1,4 +1,10 @@
-"""The function Ray Train runs on every worker: the loop under a ``RayContext``."""
+"""The function Ray Train runs on every worker: the loop under a ``RayContext``.
+
+Light at import: Ray Train's controller (and a sweep's trial process) unpickles
+``train_loop_per_worker`` by reference and so imports this module, but runs no step; the
+loop and its torchvision, timm and dino_core are imported by the workers alone, in the
+function. (Measured 2026-12-03 on 2 cores, a fresh interpreter: ``ray.train.torch``, which the
+controller imports anyway, 5.9 s; with this module as it was, 8.8 s; this module now, 0.6 s.)"""
 
 from __future__ import annotations
 
@@ -10,8 +16,6 @@ from service import storage
 from service.config import DinoConfig
 from service.tracking import MLflowTracker, NullTracker, Tracker
 from service.tracking.mlflow_tracker import RunSpec
-from service.train.loop import Loop
-from service.train.ray_context import RayContext
 
 
 @dataclass
@@ -44,6 +48,9 @@ def quiet_ray_worker() -> None:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point given to ``TorchTrainer``."""
+    from service.train.loop import Loop
+    from service.train.ray_context import RayContext
+
     cfg = DinoConfig.model_validate(config["cfg"])
     info = RunInfo(**config["run"])
     if not cfg.ray.verbose:
