@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -64,6 +65,26 @@ def pytest_runtest_makereport(item: pytest.Item, call):
         report.longrepr = (f"{item.nodeid} took {spent:.1f} s (setup to {report.when}), over "
                            f"its budget of {limit:.0f} s: make it faster, or raise its "
                            "@pytest.mark.budget with a measured reason")
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")  # never imported by this check
+    return bool(ray is not None and ray.is_initialized())
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test not marked integration that leaves a Ray running fails: Ray Data's readers and
+    ``ray.remote`` calls start a local Ray in the test process, which then outlives the test
+    beside every later cluster of the suite."""
+    before = _ray_running()
+    yield
+    if not before and _ray_running() and request.node.get_closest_marker("integration") is None:
+        import ray
+
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} started a Ray in the test process; mark it "
+                    "integration (and say why it needs Ray) or keep Ray out of it")
 
 
 @contextmanager

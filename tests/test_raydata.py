@@ -149,9 +149,20 @@ def test_an_unreadable_image_is_skipped_with_a_warning_naming_it(folder, caplog)
 
 
 @pytest.mark.budget(30)
-def test_classes_the_given_list_lacks_fail_before_reading(folder):
+def test_classes_the_given_list_lacks_fail_before_reading(folder, packed, monkeypatch):
+    """...and before Ray Data is touched: its readers start a local Ray when none runs (this
+    test did, and that Ray lived on beside the suite's later clusters)."""
+    import ray.data
+
+    def touched(*args, **kwargs):
+        raise AssertionError("Ray Data was touched before the checks")
+
+    monkeypatch.setattr(ray.data, "read_binary_files", touched)
+    monkeypatch.setattr(ray.data, "read_webdataset", touched)
     with pytest.raises(DataError, match="bee"):
         ray_dataset(str(folder), SIZE, classes=["ant"])
+    with pytest.raises(DataError, match="bee"):
+        ray_dataset(str(packed), SIZE, classes=["ant"])
     with pytest.raises(DataError):
         ray_dataset(str(folder / "ant" / "missing"), SIZE)
 

@@ -86,12 +86,11 @@ def ray_dataset(url_or_path: str, canvas_size: int, *, shard_urls: list[str] | N
     Raises:
         DataError: No images, or the source has a class that ``classes`` lacks.
     """
-    import ray.data
-
     if canvas_size < 1:
         raise DataError(f"canvas_size must be >= 1, got {canvas_size}")
-    shuffle = "files" if shuffle_files else None
     packed = is_packed(url_or_path)
+    # every check (listing, manifest, classes) before Ray Data is imported or touched: a
+    # reader of Ray Data starts a local Ray when none is running
     if shard_urls is not None or packed:
         manifest = read_manifest(url_or_path) if packed else None
         own = list(manifest.classes) if manifest else list(classes or [])
@@ -99,13 +98,20 @@ def ray_dataset(url_or_path: str, canvas_size: int, *, shard_urls: list[str] | N
         urls = shard_urls if shard_urls is not None else [manifest.url(s) for s in manifest.shards]
         if not urls:
             raise DataError(f"{url_or_path}: a packed set without shards")
+        root = None
+    else:
+        samples, own, root = _listing(url_or_path)
+    decode = _Decode(canvas_size, own, _label_table(url_or_path, own, classes), root)
+
+    import ray.data
+
+    shuffle = "files" if shuffle_files else None
+    if root is None:
         fs, paths = _filesystem([_shard_url(prefix, u) for u in urls])
         ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None,
                                       filerename=_rename_image, suffixes=[IMG, "cls"],
                                       shuffle=shuffle, num_cpus=num_cpus_per_task)
-        root = None
     else:
-        samples, own, root = _listing(url_or_path)
         fs, (read_root,) = _filesystem([url_or_path])
         # Ray lists a folder in one call but leaves out names starting with "_" ("." too,
         # as we do); only then give it our listing (one stat per file, parallel for URLs)
@@ -114,7 +120,6 @@ def ray_dataset(url_or_path: str, canvas_size: int, *, shard_urls: list[str] | N
         ds = ray.data.read_binary_files(read, include_paths=True, filesystem=fs,
                                         file_extensions=sorted(IMAGE_SUFFIXES),
                                         shuffle=shuffle, num_cpus=num_cpus_per_task)
-    decode = _Decode(canvas_size, own, _label_table(url_or_path, own, classes), root)
     return ds.map_batches(decode, batch_size=DECODE_BATCH, batch_format="numpy",
                           num_cpus=num_cpus_per_task)
 
