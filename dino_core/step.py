@@ -28,6 +28,11 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
         self.value = value
 
+    def __reduce__(self) -> tuple[type, tuple[int, float]]:
+        # pickled with its own arguments, not the message (BaseException's default): Ray
+        # carries a worker's error to the driver by pickling it
+        return type(self), (self.step, self.value)
+
 
 @dataclass
 class StepConfig:
