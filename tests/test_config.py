@@ -98,6 +98,8 @@ def test_yaml_round_trip_and_flatten(tmp_path):
     "overrides, message",
     [
         (["optim.lr=-1"], "optim.lr: Input should be greater than 0 (got -1)"),
+        (["optim.lr=inf"], "optim.lr: Input should be a finite number (got 'inf')"),
+        (["loss.koleo_weight=nan"], "loss.koleo_weight: Input should be a finite number"),
         (["loss.teacher_temp=0"], "loss.teacher_temp: Input should be greater than 0 (got 0)"),
         (["loss.teacher_temp=-0.04"], "loss.teacher_temp: Input should be greater than 0"),
         (["optim.momentum_teacher=1.0"], "optim.momentum_teacher: Input should be less than 1"),

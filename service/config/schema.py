@@ -28,7 +28,9 @@ def url_scheme(url: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # no setting is infinite or NaN: `optim.lr=inf` passed `gt=0` (NaN failed it only by
+    # chance of the comparison) and trained to a non-finite loss (issue 27, item 2)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _family_patch(arch: str) -> int:
