@@ -89,9 +89,10 @@ def ray_dataset(url_or_path: str, canvas_size: int, *, shard_urls: list[str] | N
     if canvas_size < 1:
         raise DataError(f"canvas_size must be >= 1, got {canvas_size}")
     packed = is_packed(url_or_path)
+    read_shards = shard_urls is not None or packed
     # every check (listing, manifest, classes) before Ray Data is imported or touched: a
     # reader of Ray Data starts a local Ray when none is running
-    if shard_urls is not None or packed:
+    if read_shards:
         manifest = read_manifest(url_or_path) if packed else None
         own = list(manifest.classes) if manifest else list(classes or [])
         prefix = manifest.prefix if manifest else url_or_path
@@ -106,7 +107,7 @@ def ray_dataset(url_or_path: str, canvas_size: int, *, shard_urls: list[str] | N
     import ray.data
 
     shuffle = "files" if shuffle_files else None
-    if root is None:
+    if read_shards:
         fs, paths = _filesystem([_shard_url(prefix, u) for u in urls])
         ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None,
                                       filerename=_rename_image, suffixes=[IMG, "cls"],
