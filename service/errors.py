@@ -33,3 +33,10 @@ class MissingExtraError(RuntimeError):
 class RunStopped(RuntimeError):
     """The run was stopped on request (``dino jobs stop``, SIGTERM to the driver) after a
     checkpoint of its last step; the same run name resumes from it."""
+
+
+def is_project_error(err: BaseException) -> bool:
+    """An error of a class this project defines (here, or beside the code that raises it, as
+    ``dino_core.step.NonFiniteLossError``): its message is written for the user, and the
+    command line prints it as one ``dino: ...`` line (``-v``: the traceback)."""
+    return type(err).__module__.split(".", 1)[0] in ("service", "dino_core")

@@ -19,6 +19,7 @@ from service.errors import (
     RunInUseError,
     RunStopped,
     StorageError,
+    is_project_error,
 )
 
 # exit 2: the input was wrong and nothing was started; exit 1: something failed on the way
@@ -37,20 +38,22 @@ EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
 PLAIN = (ConfigError, MissingExtraError, RunInUseError, RunStopped)
 
 
-# Worker lines Ray forwards to the driver that say nothing a user acts on: Ray Train's
-# PreemptionWatcher actor logs this core_worker.cc error at every start (ray#53727)
-RAY_NOISE = r"'PreemptionWatcher' .*constructor arguments in the object store"
+def ray_log_environment(verbose: bool, tty: bool) -> dict[str, str]:
+    """How Ray forwards worker output to this driver (Ray reads these at ``import ray``).
 
-
-def ray_log_environment(verbose: bool) -> dict[str, str]:
-    """How Ray forwards worker output to this driver. Ray folds lines that differ only in
-    numbers across processes ("[repeated 2x across cluster]"), which would hide a restarted
-    worker's progress lines: ours (``[dino] ...``) always pass. Ray's known noise is skipped
-    unless ``-v``, which also turns the folding off."""
+    By default only our own lines (``[dino] ...``) pass, as they are: without Ray's
+    "(RayTrainWorker pid=...)" prefix and its colour codes, and never folded (Ray folds lines
+    that differ only in numbers across processes, "[repeated 2x across cluster]", which would
+    hide a restarted worker's progress lines). Everything else a Ray process prints is
+    skipped: an error of a worker reaches the user as the driver's one ``dino: ...`` line.
+    ``-v`` shows all of it, with the prefix, unfolded; colour only on a terminal."""
     if verbose:
-        return {"RAY_DEDUP_LOGS": "0"}
+        return {"RAY_DEDUP_LOGS": "0", "RAY_COLOR_PREFIX": "1" if tty else "0"}
     return {"RAY_DEDUP_LOGS": "1", "RAY_DEDUP_LOGS_ALLOW_REGEX": r"\[dino\]",
-            "RAY_DEDUP_LOGS_SKIP_REGEX": RAY_NOISE}
+            "RAY_DEDUP_LOGS_SKIP_REGEX": "^", "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
+            "RAY_COLOR_PREFIX": "0",
+            # MLflow's INFO lines ("Creating initial MLflow database tables", run links)
+            "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
-    for key, value in ray_log_environment(args.verbose).items():
+    for key, value in ray_log_environment(args.verbose, sys.stdout.isatty()).items():
         os.environ.setdefault(key, value)  # read at `import ray`; the user's own settings win
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -76,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except Exception as err:
         code = next((c for kind, c in EXIT_CODES if isinstance(err, kind)), None)
+        if code is None and is_project_error(err):
+            code = 1
         if code is None or args.verbose:
             raise
         plain = isinstance(err, PLAIN)

@@ -7,12 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ray.train.torch import TorchConfig
-from ray.train.torch.config import _TorchBackend
 
+from service.train.ray_compat import torch_backend
 from service.train.stopping import install_sigterm_handler
 
 
-class _Backend(_TorchBackend):
+class _Backend(torch_backend()):  # type: ignore[misc]
     def on_training_start(self, worker_group, backend_config) -> None:
         super().on_training_start(worker_group, backend_config)
         worker_group.execute(install_sigterm_handler)  # an actor task: the main thread

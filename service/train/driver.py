@@ -15,10 +15,11 @@ from typing import Any
 from service import data, storage
 from service.cluster.env import job_env
 from service.config import DinoConfig, flatten, resolve_paths
-from service.errors import ConfigError, RunStopped
+from service.errors import ConfigError, RunStopped, is_project_error
 from service.storage import checkpoints as ckpt
 from service.storage.arrow import pyarrow_fs
 from service.tracking import MLflowTracker, NullTracker, Tracker, default_tracking_uri, git_revision
+from service.train import ray_compat
 from service.train.preflight import preflight
 from service.train.stopping import clear_stop, request_stop
 from service.train.worker import RunInfo, train_loop_per_worker
@@ -58,17 +59,10 @@ def init_ray(cfg: DinoConfig, extra_resources: dict[str, float] | None = None) -
                  log_to_driver=True, configure_logging=False)
 
 
-# Ray's own lines that a user of `dino train` does not act on; `dino -v` brings them back
-NOISY_LOGGERS = (
-    # "Token authentication is enabled for this Ray cluster ...": the default, said at each start
-    "ray._private.authentication.authentication_token_setup",
-)
-
-
 def quiet_ray_driver() -> None:
     """Turns off Ray's start-up notices in this process (the worker lines forwarded to this
     driver are filtered by ``service.cli.main.ray_log_environment``)."""
-    for name in NOISY_LOGGERS:
+    for name in ray_compat.NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
@@ -100,21 +94,8 @@ INTERRUPTED = threading.Event()
 
 def interruptible(trainer_cls: type) -> type:
     """``trainer_cls`` whose SIGINT handler (Ray Train's graceful abort) also sets
-    ``INTERRUPTED``; Ray registers it in ``fit()`` on the main thread only."""
-
-    class Interruptible(trainer_cls):  # type: ignore[misc, valid-type]
-        def _register_sigint_handler(self, controller: Any) -> None:
-            super()._register_sigint_handler(controller)
-            ray_handler = signal.getsignal(signal.SIGINT)
-
-            def handler(signum: int, frame: Any) -> None:
-                INTERRUPTED.set()
-                if callable(ray_handler):
-                    ray_handler(signum, frame)
-
-            signal.signal(signal.SIGINT, handler)
-
-    return Interruptible
+    ``INTERRUPTED``."""
+    return ray_compat.chain_sigint_handler(trainer_cls, INTERRUPTED.set)
 
 
 def build_trainer(cfg: DinoConfig, info: RunInfo, callbacks: list | None = None):
@@ -217,6 +198,16 @@ def check_shared_storage(cfg: DinoConfig) -> None:
             "them); use shared storage, e.g. storage.root=s3://bucket/runs")
 
 
+def project_error(err: BaseException) -> BaseException | None:
+    """The error a worker raised, when it is one of this project's (whose messages are
+    written for the user: a NaN stop, bad data, a damaged checkpoint) and ``err`` is Ray
+    Train's report of it; None for anything else, which keeps Ray's whole report."""
+    inner = ray_compat.worker_error(err)
+    if inner is None or not is_project_error(inner):
+        return None
+    return inner
+
+
 def on_sigterm(run_url: str) -> Any:
     """SIGTERM to the driver (``dino jobs stop``, a pod deleted): ask the workers to
     checkpoint and end the run; ``fit()`` returns once they have."""
@@ -263,6 +254,9 @@ def train(cfg: DinoConfig) -> TrainResult:
             raise KeyboardInterrupt from err
         if storage.GAVE_UP in str(err):  # a StorageError of a worker or Ray's controller
             raise storage_failure(cfg.storage.root, run_url, err, not cfg.ray.address) from err
+        own = project_error(err)
+        if own is not None:  # the worker's own message, as in process (Ray's report: -v)
+            raise own from err
         raise
     finally:
         if previous is not None:

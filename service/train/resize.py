@@ -14,23 +14,29 @@ import logging
 import time
 import uuid
 
-from ray.train.v2._internal.execution.callback import ControllerCallback
-
-from service.train.stopping import RESIZE_KEY, SAVED_KEY, kv_get, kv_put
+from service.train.ray_compat import (
+    RESIZING_STATE,
+    RUNNING_STATE,
+    SCHEDULING_STATE,
+    controller_callback,
+    kv_get,
+    kv_put,
+)
+from service.train.stopping import RESIZE_KEY, SAVED_KEY
 
 log = logging.getLogger(__name__)
 
 
-class SaveBeforeResize(ControllerCallback):
+class SaveBeforeResize(controller_callback()):  # type: ignore[misc]
     def __init__(self, run_name: str, timeout_s: float) -> None:
         self.run_name, self.timeout_s = run_name, timeout_s
         self.running_resize = False
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
         # Running -> Resizing is a resize of a live group; Scheduling also follows a restart
-        self.running_resize = (type(previous_state).__name__ == "RunningState"
-                               and type(current_state).__name__ == "ResizingState") or (
-            self.running_resize and type(current_state).__name__ == "SchedulingState")
+        self.running_resize = (type(previous_state).__name__ == RUNNING_STATE
+                               and type(current_state).__name__ == RESIZING_STATE) or (
+            self.running_resize and type(current_state).__name__ == SCHEDULING_STATE)
 
     def before_controller_execute_resize_decision(self, resize_decision) -> None:
         if not self.running_resize:

@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 import time
 from enum import IntEnum
 
 from service import storage
+from service.train.ray_compat import kv_get, kv_put
 
 log = logging.getLogger(__name__)
 
@@ -85,23 +85,6 @@ def clear_stop(run_url: str) -> bool:
     except FileNotFoundError:
         pass
     return False
-
-
-def kv_get(key: str) -> bytes | None:
-    """Ray's internal KV, in a Ray process (the controller, a worker); None elsewhere (the
-    loop in this process never imports Ray for it)."""
-    if "ray" not in sys.modules:
-        return None
-    from ray.experimental import internal_kv
-
-    return internal_kv._internal_kv_get(key) if internal_kv._internal_kv_initialized() else None
-
-
-def kv_put(key: str, value: bytes) -> None:
-    from ray.experimental import internal_kv
-
-    if internal_kv._internal_kv_initialized():
-        internal_kv._internal_kv_put(key, value, overwrite=True)
 
 
 class MarkerPoller(threading.Thread):
