@@ -38,8 +38,8 @@ EXIT_CODES: tuple[tuple[type[Exception], int], ...] = (
 PLAIN = (ConfigError, MissingExtraError, RunInUseError, RunStopped)
 
 
-def ray_log_environment(verbose: bool, tty: bool) -> dict[str, str]:
-    """How Ray forwards worker output to this driver (Ray reads these at ``import ray``).
+def output_environment(verbose: bool, tty: bool) -> dict[str, str]:
+    """What Ray and MLflow print in this process (they read these at import).
 
     By default only our own lines (``[dino] ...``) pass, as they are: without Ray's
     "(RayTrainWorker pid=...)" prefix and its colour codes, and never folded (Ray folds lines
@@ -52,8 +52,9 @@ def ray_log_environment(verbose: bool, tty: bool) -> dict[str, str]:
     return {"RAY_DEDUP_LOGS": "1", "RAY_DEDUP_LOGS_ALLOW_REGEX": r"\[dino\]",
             "RAY_DEDUP_LOGS_SKIP_REGEX": "^", "RAY_DISABLE_WORKER_LOG_PREFIX": "1",
             "RAY_COLOR_PREFIX": "0",
-            # MLflow's INFO lines ("Creating initial MLflow database tables", run links)
-            "MLFLOW_LOGGING_LEVEL": "WARNING"}
+            # MLflow's INFO lines ("Creating initial MLflow database tables") and the run
+            # links it writes to stdout at a run's end (our summary names the run)
+            "MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
-    for key, value in ray_log_environment(args.verbose, sys.stdout.isatty()).items():
+    for key, value in output_environment(args.verbose, sys.stdout.isatty()).items():
         os.environ.setdefault(key, value)  # read at `import ray`; the user's own settings win
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

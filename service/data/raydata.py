@@ -46,6 +46,7 @@ from dino_core.data.folder import IMAGE_EXTENSIONS, ImageFiles, ImageFolder, loa
 from service.data.remote import RemoteImageFolder
 from service.data.shards import is_packed, read_manifest
 from service.errors import DataError
+from service.logs import route_worker_logs
 from service.storage import get_fs, is_local, join
 from service.storage.arrow import pyarrow_fs
 
@@ -215,6 +216,7 @@ class _Decode:
         self.index = {name: i for i, name in enumerate(classes)}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        route_worker_logs()  # in Ray's task: its "skipping unreadable image" lines reach the driver
         if self.root is None:  # packed
             names = [f"{u}:{k}" for u, k in zip(batch["__url__"], batch["__key__"])]
             blobs = list(batch.get(IMG, [None] * len(names)))

@@ -14,6 +14,7 @@ from typing import Any
 
 from service import storage
 from service.config import DinoConfig
+from service.logs import route_worker_logs
 from service.tracking import MLflowTracker, NullTracker, Tracker
 from service.tracking.mlflow_tracker import RunSpec
 
@@ -53,6 +54,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg = DinoConfig.model_validate(config["cfg"])
     info = RunInfo(**config["run"])
+    route_worker_logs(cfg.ray.verbose)
     if not cfg.ray.verbose:
         quiet_ray_worker()
     storage.configure(cfg.storage.retry_seconds, cfg.storage.spool_dir)
