@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 
@@ -24,7 +25,7 @@ from service.config import (
     multicrop_spec,
 )
 from service.data.remote import RemoteImageFolder
-from service.data.shards import is_packed, read_manifest
+from service.data.shards import is_packed, read_manifest, shard_prefix
 from service.data.stream import ShardStream
 from service.errors import DataError
 
@@ -56,10 +57,27 @@ def open_images(source: DataSource, transform: Callable | None, size: int, seed:
                                     transform, difficulty=d.procedural_difficulty,
                                     colourful=d.procedural_colourful)
         case UrlSource(url):
-            return RemoteImageFolder(url, transform, size_hint)
+            try:
+                return RemoteImageFolder(url, transform, size_hint)
+            except NotADirectoryError:
+                raise DataError(not_a_data_folder(url)) from None
         case FolderSource(path):
+            if os.path.isfile(path):
+                raise DataError(not_a_data_folder(path))
             return ImageFolder(path, transform=transform, size_hint=size_hint)
     raise TypeError(f"unknown data source {source!r}")
+
+
+def not_a_data_folder(location: str) -> str:
+    """The message for data given as one file: one shard of a packed dataset (its prefix is
+    what reads it), or any other file. ``ImageFolder`` would say the folder does not exist,
+    about a file that does."""
+    prefix = shard_prefix(location)
+    if prefix is not None:
+        return (f"{location} is one shard of the packed dataset {prefix}: give the packed "
+                f"dataset's prefix, {prefix}, which reads every shard through its manifest")
+    return (f"{location} is a file, not a folder of images: give the folder that holds the "
+            "images, or a packed dataset's prefix (`dino data pack SRC DEST`)")
 
 
 def batched(cfg: DinoConfig) -> bool:

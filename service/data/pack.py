@@ -1,12 +1,14 @@
 """``dino data pack SRC DEST``: an image folder or URL packed into WebDataset shards
 (``service.data.shards``), one Ray task per shard.
 
-Every image is decoded once at pack time; unreadable ones are left out and listed, with the
-reason, in ``pack-report.json``. Shards are planned from the sorted listing (contiguous runs
-of about ``shard_bytes``), so a re-run plans the same shards: each finished shard leaves a
+Every image is decoded once at pack time; unreadable ones, and files whose names are not
+UTF-8 (``service.data.remote.list_source``), are left out and listed, with the reason, in
+``pack-report.json``. Shards are planned from the sorted listing (contiguous runs of about
+``shard_bytes``), so a re-run plans the same shards: each finished shard leaves a
 marker under ``DEST/.pack/``, a re-run packs only the shards without one, and the manifest is
 written when all are there. A source that changed since the first run is refused (its
-listing's fingerprint is in ``DEST/.pack/plan.json``).
+listing's fingerprint is in ``DEST/.pack/plan.json``). Ctrl-C ends a pack with
+``PackInterrupted``, which says how far it got; the same command resumes it.
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dino_core.data.folder import ImageFolder, load_rgb
-from service.config.sources import FolderSource, absolute, parse_source
-from service.data.remote import list_images
+from dino_core.data.folder import load_rgb
+from service.config.sources import absolute
+from service.data.remote import Listing, list_source
 from service.data.shards import (
     REPORT,
     Manifest,
@@ -49,14 +51,6 @@ PROGRESS_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
-class Listing:
-    paths: list[str]
-    labels: list[int]
-    sizes: list[int]
-    classes: list[str]
-
-
-@dataclass(frozen=True)
 class ShardJob:
     index: int
     src: str
@@ -71,23 +65,13 @@ class ShardJob:
 class PackResult:
     manifest: Manifest
     packed_now: int  # shards packed by this run (the others were done before)
-    skipped: list[dict]
+    skipped: list[dict]  # every file left out, ``bad_names`` included
     seconds: float
+    bad_names: int = 0  # of ``skipped``: names that are not UTF-8
 
 
-def list_source(src: str) -> Listing:
-    match parse_source(src):
-        case FolderSource(path):
-            try:
-                folder = ImageFolder(path)
-            except (FileNotFoundError, ValueError) as err:
-                raise DataError(f"cannot pack {src}: {err}") from err
-            paths = [p for p, _ in folder.samples]
-            return Listing(paths, [y for _, y in folder.samples],
-                           [os.path.getsize(p) for p in paths], folder.classes)
-        case _:
-            samples, classes, sizes = list_images(src)
-            return Listing([p for p, _ in samples], [y for _, y in samples], sizes, classes)
+class PackInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a pack, saying what was written by then; the same command resumes."""
 
 
 def plan(sizes: list[int], shard_bytes: int) -> list[range]:
@@ -106,7 +90,8 @@ def plan(sizes: list[int], shard_bytes: int) -> list[range]:
 def fingerprint(listing: Listing, shard_bytes: int) -> str:
     h = hashlib.sha256(str(shard_bytes).encode())
     for path, size, label in zip(listing.paths, listing.sizes, listing.labels):
-        h.update(f"{path}\0{size}\0{label}\n".encode())
+        # surrogateescape: a source folder whose own path is not UTF-8 hashes too
+        h.update(f"{path}\0{size}\0{label}\n".encode("utf-8", "surrogateescape"))
     return h.hexdigest()
 
 
@@ -196,8 +181,9 @@ def pack(src: str, dest: str, shard_bytes: int = DEFAULT_SHARD_BYTES, *, paralle
     gets a line every few seconds.
 
     Raises:
-        DataError: no images under ``src``, or ``src`` changed since an unfinished earlier
-            pack into ``dest``.
+        DataError: no images under ``src``, ``src`` is a file, or ``src`` changed since an
+            unfinished earlier pack into ``dest``.
+        PackInterrupted: Ctrl-C while shards were being packed (a re-run resumes).
     """
     started = time.time()
     src, dest = absolute(src), absolute(dest).rstrip("/")  # Ray tasks run elsewhere
@@ -220,27 +206,51 @@ def pack(src: str, dest: str, shard_bytes: int = DEFAULT_SHARD_BYTES, *, paralle
     if markers:
         say(f"[dino] {len(markers)} of {len(runs)} shards were packed before; packing the "
             f"other {len(jobs)}")
-    said = 0.0
-    for i, marker in _run(jobs, parallel, num_cpus):
-        markers[i] = marker
-        if time.time() - said > PROGRESS_SECONDS or len(markers) == len(runs):
-            said = time.time()
-            images = sum(m["num_images"] for m in markers.values())
-            skipped = sum(len(m["skipped"]) for m in markers.values())
-            say(f"[dino] packed {len(markers)}/{len(runs)} shards: {images} images, "
-                f"{skipped} unreadable skipped")
+    try:
+        _pack_shards(jobs, markers, len(runs), parallel, num_cpus, say)
+    except KeyboardInterrupt:
+        raise PackInterrupted(_interrupted(markers, len(runs), dest, parallel)) from None
     ordered = [markers[i] for i in range(len(runs))]
-    skipped_files = [s for m in ordered for s in m["skipped"]]
+    skipped_files = listing.bad_names + [s for m in ordered for s in m["skipped"]]
     _write_json(join(dest, REPORT), {"source": src, "skipped": skipped_files})
     manifest = Manifest(dest, tuple(listing.classes),
                         tuple(ShardInfo(m["name"], m["num_images"], m["bytes"], m["sha256"])
                               for m in ordered if m["num_images"]),
                         source=src, skipped=len(skipped_files))
     if not manifest.num_images:
-        raise DataError(f"none of the {len(listing.paths)} files under {src} could be read "
+        raise DataError(f"none of the {len(skipped_files)} files under {src} could be read "
                         f"(the reasons are in {join(dest, REPORT)})")
     write_manifest(manifest)
-    return PackResult(manifest, len(jobs), skipped_files, time.time() - started)
+    return PackResult(manifest, len(jobs), skipped_files, time.time() - started,
+                      len(listing.bad_names))
+
+
+def _pack_shards(jobs: list[ShardJob], markers: dict[int, dict], total: int, parallel: bool,
+                 num_cpus: int | None, say: Callable[[str], None]) -> None:
+    """Packs ``jobs``, adding each marker to ``markers`` as its shard is written (so what
+    was written is known when Ctrl-C ends this early); a progress line every few seconds."""
+    said = 0.0
+    for i, marker in _run(jobs, parallel, num_cpus):
+        markers[i] = marker
+        if time.time() - said > PROGRESS_SECONDS or len(markers) == total:
+            said = time.time()
+            images = sum(m["num_images"] for m in markers.values())
+            skipped = sum(len(m["skipped"]) for m in markers.values())
+            say(f"[dino] packed {len(markers)}/{total} shards: {images} images, "
+                f"{skipped} unreadable skipped")
+
+
+def _interrupted(markers: dict[int, dict], total: int, dest: str, parallel: bool) -> str:
+    """The one line for Ctrl-C (a shard cut short has no marker and is packed again). Ray
+    tasks already running finish their shards while Ray shuts down: "at least"."""
+    if not markers:
+        return (f"interrupted as the packing of {total} shards into {dest} began; rerun the "
+                "same command to pack")
+    images = sum(m["num_images"] for m in markers.values())
+    least = "at least " if parallel else ""
+    return (f"interrupted: {least}{len(markers)} of {total} shards ({images} images) are "
+            f"written under {dest}; rerun the same command to pack the rest and write the "
+            "manifest")
 
 
 def _run(jobs: list[ShardJob], parallel: bool, num_cpus: int | None):

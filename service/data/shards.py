@@ -88,6 +88,16 @@ def is_packed(text: str) -> bool:
     return bool(with_retries(lambda: fs.exists(path), f"lookup of {path}", url=text))
 
 
+def shard_prefix(location: str) -> str | None:
+    """The prefix of the packed dataset whose shard ``location`` is (a ``.tar`` next to a
+    manifest), else None: what a user who gave one shard for the dataset meant."""
+    location = location.rstrip("/")
+    if not location.endswith(".tar"):
+        return None
+    prefix = location.rsplit("/", 1)[0] if "/" in location else "."
+    return prefix if is_packed(prefix) else None
+
+
 def read_if_there(url: str) -> bytes | None:
     """The bytes of ``url``, or None if there is no such object (retried through outages)."""
     fs, path = get_fs(url)

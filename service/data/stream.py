@@ -21,7 +21,8 @@ worker ``i`` plays stream ``(i + k) % streams`` and drops the batches that strea
 
 A damaged shard (checksum mismatch, truncated tar, fewer images than the manifest says) is
 named in the log; its missing images become unreadable samples (``None``, counted by the
-collate function), so every rank still takes the same number of steps.
+collate function), so every rank still takes the same number of steps. A shard with more
+images than the manifest says is named too; the plan has no place for the extra ones.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import shutil
 import tarfile
 import tempfile
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -114,6 +115,21 @@ def shuffled(items: Iterator[Sample], size: int, rng: np.random.Generator,
             yield buffer.pop()
     order = rng.permutation(len(buffer)) if buffer else []
     yield from (buffer[j] for j in order)
+
+
+def count_mismatch(name: str, listed: int, real: int, missing: int) -> None:
+    """Names a shard whose image count differs from its manifest entry, and goes on: the
+    epoch's plan (the same on every rank) was made from the manifest, so images it lacks
+    become unreadable samples (counted; ``data.max_unreadable_fraction`` stops a run that
+    loses too many) and images it does not list are not used. A DataError here would end
+    the whole run from one loader process, mid-epoch, over one manifest entry."""
+    fix = f"re-pack, or set its num_images to {real} in manifest.json"
+    if real < listed:
+        log.warning("shard %s: the manifest says %d images, the shard holds %d; %d missing "
+                    "here are counted as unreadable (%s)", name, listed, real, missing, fix)
+    else:
+        log.warning("shard %s: the manifest says %d images, the shard holds %d; %d of its "
+                    "images are not used (%s)", name, listed, real, real - listed, fix)
 
 
 class ShardStream(IterableDataset):
@@ -249,25 +265,45 @@ class ShardStream(IterableDataset):
         return local
 
     def read_piece(self, piece: Piece, local: str | None) -> Iterator[Sample]:
+        """The piece's samples; the ones its shard lacks (damaged, or fewer than the
+        manifest says) become ``MISSING``, so every rank still takes the plan's steps."""
         wanted = piece.stop - piece.start
         got = 0
         if local is not None:
-            name = self.manifest.shards[piece.shard].name
-            try:
-                with open(local, "rb") as f:
-                    for i, sample in enumerate(read_samples(f)):
-                        if i >= piece.stop:
-                            break
-                        if i >= piece.start:
-                            got += 1
-                            yield sample
-            except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-                log.warning("shard %s is damaged after %d images: %s", name, got, err)
-            if got < wanted:
-                log.warning("shard %s: %d of its images are missing; counted as unreadable",
-                            name, wanted - got)
+            got = yield from self._read_checked(piece, local)
         for _ in range(wanted - got):
             yield MISSING
+
+    def _read_checked(self, piece: Piece, local: str) -> Generator[Sample, None, int]:
+        """Yields the piece's samples from the local shard; returns how many. The manifest's
+        count is only known to be wrong where the shard is read through (its tar ends inside
+        the piece, or has more after a piece that ends at the manifest's count): then the
+        shard, the manifest's count and the real one are named, and the run goes on (see
+        ``count_mismatch``)."""
+        info = self.manifest.shards[piece.shard]
+        got = seen = 0
+        try:
+            with open(local, "rb") as f:
+                samples = read_samples(f)
+                for sample in samples:
+                    seen += 1
+                    if seen > piece.stop:
+                        if piece.stop == info.num_images:  # more than the manifest says
+                            real = seen + sum(1 for _ in samples)
+                            count_mismatch(info.name, info.num_images, real, 0)
+                        return got
+                    if seen > piece.start:
+                        got += 1
+                        yield sample
+        except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+            log.warning("shard %s is damaged after %d images: %s", info.name, got, err)
+            if got < piece.stop - piece.start:
+                log.warning("shard %s: %d of its images are missing; counted as unreadable",
+                            info.name, piece.stop - piece.start - got)
+            return got
+        if got < piece.stop - piece.start:  # the tar ended early: it holds ``seen`` images
+            count_mismatch(info.name, info.num_images, seen, piece.stop - piece.start - got)
+        return got
 
     def _trace(self, stream: int):
         if not self.trace_dir:
