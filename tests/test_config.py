@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import ConfigError, flatten, load_config, resolve_paths, to_yaml
+from service.config import ConfigError, flatten, load_config, preset_names, resolve_paths, to_yaml
 from service.data import ShardSampler
 
 
@@ -183,3 +183,45 @@ def test_shards_are_disjoint_equal_and_cover(world):
     assert all(len(s) == steps * batch for s in shards)
     assert list(ShardSampler(n, 0, world, 0, 1, batch, skip_batches=2)) == shards[0][2 * batch:]
     assert list(ShardSampler(n, 0, world, 0, 2, batch)) != shards[0]  # reshuffled per epoch
+
+
+# ---------------------------------------------------------------- issue 27: checked before Ray
+
+
+def test_a_run_name_too_long_for_a_folder_name_is_refused_naming_the_limit():
+    """300 characters ended in a raw 'File name too long' traceback (the run's folder)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, None, ["run_name=" + "a" * 300])
+    msg = str(e.value)
+    assert "run_name:" in msg and "at most 100 characters" in msg and "300" in msg, msg
+    assert load_config(None, None, ["run_name=" + "a" * 100]).run_name == "a" * 100
+
+
+@pytest.mark.parametrize("name", ["a/b", "-x", "a b", "caf\u00e9"])
+def test_a_run_name_of_other_characters_is_refused_naming_the_allowed_ones(name):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, None, [f"run_name={name}"])
+    msg = str(e.value)
+    assert "run_name:" in msg and "letters, digits, '_', '.' and '-'" in msg, msg
+
+
+def test_crops_that_are_not_a_multiple_of_the_vit_patch_are_refused_naming_both():
+    """model.patch_size=7 with 32 px crops trained without a word."""
+    with pytest.raises(ConfigError) as e:
+        load_config("quickstart", None, ["model.patch_size=7"])  # 32 px global crops
+    msg = str(e.value)
+    assert "aug.global_size=32" in msg and "model.patch_size=7" in msg, msg
+    assert "local_size" not in msg  # the quickstart has no local crops (aug.n_local=0)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, None, ["model.arch=dinov2_vits14"])  # the default 96 px local crops
+    msg = str(e.value)
+    assert "aug.local_size=96" in msg and "model.patch_size=14" in msg and "98" in msg, msg
+
+
+def test_crop_sizes_are_free_for_resnet_and_for_unused_local_crops():
+    cfg = load_config(None, None, ["model.arch=resnet50", "model.patch_size=7",
+                                   "aug.global_size=100", "aug.local_size=90"])
+    assert (cfg.aug.global_size, cfg.aug.local_size) == (100, 90)
+    assert load_config(None, None, ["aug.local_size=90", "aug.n_local=0"]).aug.local_size == 90
+    for name in preset_names():  # every preset keeps to the rule
+        load_config(name)

@@ -107,7 +107,7 @@ def test_noisy_logger_names_exist():
 @pytest.mark.parametrize("name", ["RAY_DISABLE_WORKER_LOG_PREFIX", "RAY_DEDUP_LOGS_SKIP_REGEX",
                                   "RAY_DEDUP_LOGS_ALLOW_REGEX"])
 def test_the_log_settings_the_cli_sets_are_still_read(name):
-    """``service.cli.main.ray_log_environment`` sets these before ``import ray``."""
+    """``service.cli.main.output_environment`` sets these before ``import ray``."""
     import ray._private.ray_constants as rc
     from ray._private import ray_logging
 

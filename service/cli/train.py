@@ -11,7 +11,7 @@ from typing import TextIO
 
 from service import storage
 from service.cli.common import EPILOG_OVERRIDES, config_args, flush_ray_logs, unique_run_name
-from service.config import ProceduralSource, load_config, resolve_paths
+from service.config import DinoConfig, ProceduralSource, load_config, resolve_paths
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -55,10 +55,7 @@ def _train(args: argparse.Namespace, json_out: TextIO | None = None) -> int:
             res = train(cfg)
     except KeyboardInterrupt:
         flush_ray_logs()
-        run = storage.join(resolve_paths(cfg).storage.root, cfg.run_name)
-        print(f"\ndino: interrupted: run {cfg.run_name!r} stopped; its checkpoints are in "
-              f"{run}. Resume it with the same command (or `dino train ... "
-              f"run_name={cfg.run_name}`).", file=sys.stderr)
+        print(f"\n{interrupted_notice(cfg)}", file=sys.stderr)
         return 130
     flush_ray_logs()
     say = partial(print, file=sys.stdout)  # stderr with --json (see cmd_train)
@@ -78,3 +75,26 @@ def _train(args: argparse.Namespace, json_out: TextIO | None = None) -> int:
     if json_out is not None:
         print(json.dumps({**res.__dict__}), file=json_out)
     return 0
+
+
+def interrupted_notice(cfg: DinoConfig) -> str:
+    """What a Ctrl-C leaves: where to resume from only when the run saved a checkpoint;
+    stopped before its first one, a rerun starts again from the beginning (or from
+    ``train.resume``), and saying "resume it" would promise work that is not there."""
+    from service.storage import checkpoints as ckpt
+
+    resolved = resolve_paths(cfg)
+    run = storage.join(resolved.storage.root, cfg.run_name)
+    head = f"dino: interrupted: run {cfg.run_name!r} stopped"
+    try:
+        saved = bool(ckpt.committed(run))
+    except Exception:  # noqa: BLE001 - storage does not answer: say no more than is known
+        return (f"{head}; the checkpoints it saved, if any, are in {run}: the same command "
+                "resumes from the last one")
+    if saved:
+        return (f"{head}; its checkpoints are in {run}. Resume it with the same command (or "
+                f"`dino train ... run_name={cfg.run_name}`).")
+    start = (f"from train.resume={resolved.train.resume} again" if resolved.train.resume
+             else "from the beginning (step 0)")
+    return (f"{head} before its first checkpoint: nothing was saved, and running it again "
+            f"starts {start}.")

@@ -41,12 +41,47 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
-def validate(data: dict[str, Any]) -> DinoConfig:
-    """Builds a config from plain data; raises ConfigError naming every bad field."""
+def validate(data: dict[str, Any], new_run: bool = True) -> DinoConfig:
+    """Builds a config from plain data; raises ConfigError naming every bad field.
+
+    ``new_run=False`` for a config read back from a checkpoint: the schema alone, without
+    ``new_run_problems``, so runs trained before a rule was added still load."""
     try:
-        return DinoConfig.model_validate(data)
+        cfg = DinoConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_error(err)) from None
+    problems = new_run_problems(cfg) if new_run else []
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
+    return cfg
+
+
+def new_run_problems(cfg: DinoConfig) -> list[str]:
+    """Rules a config to train with must keep, beyond the schema's; kept out of the schema
+    (which also reads the configs saved in checkpoints) so older runs still evaluate."""
+    return crops_off_the_patch_grid(cfg)
+
+
+def crops_off_the_patch_grid(cfg: DinoConfig) -> list[str]:
+    """A ViT cuts each crop into ``model.patch_size`` squares (a stride-p convolution): the
+    last ``size % p`` pixel rows and columns of a crop that is not a multiple are never seen,
+    without a word (``model.patch_size=7`` with 32 px crops trained so). ResNet has no
+    patches; local crops count only when there are some (``aug.n_local``)."""
+    if cfg.model.arch == "resnet50":
+        return []
+    p = cfg.model.patch_size
+    crops = [("aug.global_size", cfg.aug.global_size)]
+    if cfg.aug.n_local:
+        crops.append(("aug.local_size", cfg.aug.local_size))
+    out = []
+    for name, size in crops:
+        if size % p:
+            below, above = size // p * p, (size // p + 1) * p
+            nearest = f"{below} or {above}" if below else f"{above}"
+            out.append(f"{name}={size} is not a multiple of model.patch_size={p}: the ViT "
+                       f"would never see the last {size % p} px rows and columns of each "
+                       f"crop; use {name}={nearest}, or another model.patch_size")
+    return out
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

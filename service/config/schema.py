@@ -11,6 +11,7 @@ change, a section per class, and splitting it would scatter that list.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -306,6 +307,10 @@ class StorageConfig(_Section):
     spool_dir: str | None = Field(
         None, description="local folder where uploads wait and stay if they fail; None: "
         "DINO_STORAGE_SPOOL_DIR, else <tmp>/dino-spool")
+    create_bucket: bool = Field(
+        False, description="make the bucket of an s3:// or gs:// root if it is missing; off, "
+        "a missing bucket stops the run before it starts: a typo in the name would otherwise "
+        "train into a new bucket nobody looks in")
 
     @field_validator("root")
     @classmethod
@@ -374,10 +379,12 @@ class RayConfig(_Section):
         return self.min_workers != self.max_workers
 
 
+RUN_NAME_MAX = 100  # a folder name (most filesystems: 255 bytes), with room for sweep suffixes
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
 class DinoConfig(_Section):
-    run_name: str = Field(
-        "dino", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="same name = resume"
-    )
+    run_name: str = Field("dino", description="same name = resume; the run's folder name")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     aug: AugConfig = Field(default_factory=AugConfig)
@@ -389,6 +396,18 @@ class DinoConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("run_name")
+    @classmethod
+    def _check_run_name(cls, name: str) -> str:
+        """The run's folder under ``storage.root``: a name the OS refuses ('File name too
+        long') would fail only after the run started."""
+        if len(name) > RUN_NAME_MAX:
+            raise ValueError(f"at most {RUN_NAME_MAX} characters, got {len(name)}")
+        if not RUN_NAME.fullmatch(name):
+            raise ValueError("letters, digits, '_', '.' and '-' only, starting with a letter "
+                             f"or digit (ASCII), got {name!r}")
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> DinoConfig:

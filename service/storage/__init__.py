@@ -4,6 +4,8 @@ one-driver-per-run lock (``runlock``)."""
 
 from service.errors import StorageError
 from service.storage.fs import (
+    check_bucket,
+    check_writable,
     download_dir,
     download_file,
     exists,
@@ -30,6 +32,8 @@ __all__ = [
     "GAVE_UP",
     "Retrier",
     "StorageError",
+    "check_bucket",
+    "check_writable",
     "configure",
     "download_dir",
     "download_file",

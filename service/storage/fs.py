@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +18,8 @@ from service.errors import StorageError
 from service.storage.retry import spool_dir, with_retries
 
 log = logging.getLogger(__name__)
+BUCKET_SCHEMES = ("s3", "gs", "gcs")  # object stores whose first path part is a bucket
+PROBE = ".dino-write-probe"  # made and deleted under a storage root to see that it is writable
 
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -111,3 +114,68 @@ def exists(url: str) -> bool:
 def makedirs(url: str) -> None:
     if is_local(url):
         os.makedirs(url.removeprefix("file://"), exist_ok=True)
+
+
+def check_bucket(url: str, create: bool = False) -> None:
+    """The bucket of an ``s3://`` or ``gs://`` URL exists, or is made when ``create``.
+
+    s3fs makes a missing bucket on the first write under it (Ray's first mkdir), so a
+    misspelt bucket name would silently train into a new bucket. A bucket that answers
+    "access denied" may exist: the write probe (``check_writable``) judges it.
+    """
+    if is_local(url) or url.split("://", 1)[0].lower() not in BUCKET_SCHEMES:
+        return
+    fs, path = get_fs(url)
+    bucket = path.split("/", 1)[0]
+    try:
+        with_retries(lambda: fs.info(bucket), f"look-up of bucket {bucket!r}", url=url)
+        return
+    except StorageError as err:
+        if isinstance(err.__cause__, PermissionError):
+            return
+        if not isinstance(err.__cause__, FileNotFoundError):
+            raise
+    if not create:
+        raise StorageError(
+            f"storage.root={url}: bucket {bucket!r} does not exist; create it (or correct "
+            "the name), or set storage.create_bucket=true to have it made")
+    log.warning("storage.root=%s: making the bucket %r (storage.create_bucket=true)", url, bucket)
+    with_retries(lambda: fs.mkdir(bucket), f"creation of bucket {bucket!r}", url=url)
+
+
+def check_writable(url: str) -> None:
+    """``url`` is a folder (or prefix) this process can write into: a probe file is made
+    and deleted there. A root that is a file, or on a read-only mount, otherwise failed at the
+    first write (the run lock, Ray's first mkdir) in a traceback."""
+    probe = f"{PROBE}-{secrets.token_hex(4)}"
+    if is_local(url):
+        _check_local_folder(url, probe)
+        return
+    fs, path = get_fs(url)
+    target = f"{path.rstrip('/')}/{probe}"  # an object store has no folders to be files
+    try:
+        with_retries(lambda: fs.pipe_file(target, b""), f"write of {probe}", url=url)
+        with_retries(lambda: fs.rm_file(target), f"delete of {probe}", url=url)
+    except StorageError as err:
+        if isinstance(err.__cause__, PermissionError):
+            raise StorageError(f"storage.root={url} is not writable by these credentials "
+                               f"(a test object could not be written and deleted: "
+                               f"{err.__cause__})") from None
+        raise
+
+
+def _check_local_folder(url: str, probe: str) -> None:
+    """The local ``url`` is a folder, made if missing, where a file can be made and deleted."""
+    root = Path(url.removeprefix("file://"))
+    try:
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        if not existing.is_dir():
+            raise StorageError(f"storage.root={url}: {existing} is a file, not a folder; give "
+                               "a folder (it is made if missing)")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / probe).write_bytes(b"")
+        (root / probe).unlink()
+    except OSError as err:
+        raise StorageError(f"storage.root={url} is not writable: {err.strerror or err} "
+                           f"({err.filename}); give a folder this user can write to "
+                           "(a read-only mount cannot hold checkpoints)") from None

@@ -32,10 +32,13 @@ def hold(storage_root: str, run_name: str) -> Iterator[Path | None]:
 
     Raises:
         RunInUseError: another live process holds it; the message says which.
+        StorageError: the root is not a folder this process can write to (a file, a
+            read-only mount); checked before the lock's folder is made.
     """
     if not storage.is_local(storage_root):
         yield None
         return
+    storage.check_writable(storage_root)
     path = Path(storage_root.removeprefix("file://"), run_name, LOCK_FILE)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -61,7 +61,7 @@ def init_ray(cfg: DinoConfig, extra_resources: dict[str, float] | None = None) -
 
 def quiet_ray_driver() -> None:
     """Turns off Ray's start-up notices in this process (the worker lines forwarded to this
-    driver are filtered by ``service.cli.main.ray_log_environment``)."""
+    driver are filtered by ``service.cli.main.output_environment``)."""
     for name in ray_compat.NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -1,6 +1,7 @@
-"""Checks of a run that need no cluster, made before Ray starts: the storage root answers,
-the data is there and mostly readable, ``train.resume`` is a checkpoint, and a run name that
-is reused has checkpoints of the same model. Each failure is one error naming the input."""
+"""Checks of a run that need no cluster, made before Ray starts: the storage root answers, its
+bucket exists and it can be written, the data is there and mostly readable, ``train.resume``
+is a checkpoint, and a run name that is reused has checkpoints of the same model. Each
+failure is one error naming the input."""
 
 from __future__ import annotations
 
@@ -17,19 +18,11 @@ log = logging.getLogger(__name__)
 SAMPLE = 32  # images decoded to judge a folder before training on it
 
 
-def check_storage(root: str) -> None:
-    """A remote root must answer (no credentials, no such bucket: a StorageError at once)."""
-    if storage.is_local(root):
-        return
-    fs, path = storage.get_fs(root)
-
-    def probe() -> None:
-        try:
-            fs.info(path)
-        except FileNotFoundError:  # the run's folder is made on the first write
-            pass
-
-    storage.with_retries(probe, f"access to storage.root {root}", url=root)
+def check_storage(root: str, create_bucket: bool = False) -> None:
+    """The root answers, its bucket exists (or is made: ``storage.create_bucket``) and it is
+    a folder this process can write to; each failure is a StorageError naming the root."""
+    storage.check_bucket(root, create_bucket)
+    storage.check_writable(root)
 
 
 def _sample_unreadable(ds: object, n: int) -> tuple[int, int, str]:
@@ -94,7 +87,7 @@ def _model_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
 
 
 def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
-    saved = validate(ckpt.read_config(checkpoint))
+    saved = validate(ckpt.read_config(checkpoint), new_run=False)  # it may predate a rule
     diff = _model_differences(saved, cfg)
     if diff:
         raise ConfigError(f"{what} {checkpoint} holds another model than this config "
@@ -104,7 +97,7 @@ def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
 
 def preflight(cfg: DinoConfig, run_url: str) -> None:
     """Everything about ``cfg`` that can be wrong without a cluster (``cfg`` resolved)."""
-    check_storage(cfg.storage.root)
+    check_storage(cfg.storage.root, cfg.storage.create_bucket)
     if cfg.data.loader == "ray_data" and not data.batched(cfg):
         raise ConfigError("data.loader=ray_data decodes to canvases for the batched "
                           "augmentation: it needs aug.backend=auto or batched, not per_image")
