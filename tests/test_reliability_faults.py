@@ -67,8 +67,9 @@ def test_nan_loss_under_ray_stops_naming_the_step_and_keeps_the_last_good_checkp
     8) is the latest, complete and finite. (The deferred check and skip-and-count are the
     loop's own policy: in process, below.)"""
     out = subprocess.run(
-        train_cmd(f"storage.root={tmp_path}", "run_name=nan", "train.epochs=3"),
-        cwd=REPO, env=env_for(ray_tmp, DINO_FAULT_NONFINITE_STEPS="11"),
+        train_cmd(f"storage.root={tmp_path}", "run_name=nan", "train.epochs=3",
+                  "drill.nonfinite_steps=[11]"),
+        cwd=REPO, env=env_for(ray_tmp),
         capture_output=True, text=True, timeout=400)  # fmt: skip
     text = out.stdout + out.stderr
     assert out.returncode != 0, text[-3000:]

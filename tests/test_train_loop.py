@@ -100,16 +100,23 @@ def test_in_process_context_keeps_the_last_checkpoints(tmp_path, one_torch_threa
     assert ckpt.resolve(str(tmp_path / "keep")) == kept[-1]
 
 
-@pytest.mark.parametrize("steps", ["3"])
 def test_a_nonfinite_loss_stops_the_in_process_loop_with_the_state_untouched(
-        tmp_path, monkeypatch, one_torch_thread, steps):
-    monkeypatch.setenv("DINO_FAULT_NONFINITE_STEPS", steps)
+        tmp_path, one_torch_thread):
+    """The drill is a config setting (``drill.nonfinite_steps``)."""
     from dino_core import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError, match="global step 3"):
-        _run(tmp_path, "nan", "train.checkpoint_every_steps=2")
+        _run(tmp_path, "nan", "train.checkpoint_every_steps=2", "drill.nonfinite_steps=[3]")
     kept = ckpt.checkpoint_dirs(str(tmp_path / "nan"))
     assert [ckpt.verify(d)["global_step"] for d in kept] == [2]
+
+
+def test_no_environment_variable_puts_nans_into_a_run(tmp_path, monkeypatch, one_torch_thread):
+    """The loop once read ``DINO_FAULT_NONFINITE_STEPS``: a stray variable in a user's
+    environment fed NaN crops to a real run. Set now, it does nothing."""
+    monkeypatch.setenv("DINO_FAULT_NONFINITE_STEPS", "1,2,3")
+    _, _, loop = _run(tmp_path, "clean", "train.epochs=1")
+    assert loop.state.global_step == loop.state.total_steps and loop.guard.skipped == 0
 
 
 @pytest.fixture(scope="module")

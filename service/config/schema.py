@@ -379,6 +379,22 @@ class RayConfig(_Section):
         return self.min_workers != self.max_workers
 
 
+class DrillConfig(_Section):
+    """Rehearsals of failures on a real run; nothing here is set unless a user sets it."""
+
+    nonfinite_steps: list[int] = Field(
+        default_factory=list, description="feed NaN crops to the step at these global steps, "
+        "so that a real non-finite loss goes through the real step (to rehearse "
+        "train.on_nonfinite); empty: no drill")
+
+    @field_validator("nonfinite_steps")
+    @classmethod
+    def _positive(cls, steps: list[int]) -> list[int]:
+        if any(s < 1 for s in steps):
+            raise ValueError(f"global steps start at 1, got {sorted(steps)}")
+        return steps
+
+
 RUN_NAME_MAX = 100  # a folder name (most filesystems: 255 bytes), with room for sweep suffixes
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -396,6 +412,7 @@ class DinoConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    drill: DrillConfig = Field(default_factory=DrillConfig)
 
     @field_validator("run_name")
     @classmethod

@@ -62,7 +62,7 @@ class Loop:
         self.cadence = Cadence(cfg, niter)
         self.guard = NonFiniteGuard(cfg, s.defer_check, ctx.device, self._stopped, self._say)
         self.guard.skipped = s.skipped_steps
-        self.faults = faults or FaultInjector.from_env()
+        self.faults = faults or FaultInjector(set(cfg.drill.nonfinite_steps))
         self.progress = Progress(ctx.world_size)
         self.skipped_images = self.images_attempted = 0
         self.last_metrics: dict[str, float] = {}

@@ -5,7 +5,6 @@ drill that feeds NaN crops at chosen steps (``FaultInjector``)."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import torch
@@ -94,18 +93,13 @@ class NonFiniteGuard:
 
 
 class FaultInjector:
-    """A drill for tests and rehearsals: ``DINO_FAULT_NONFINITE_STEPS=5,9`` feeds NaN crops to
-    the step at those global steps, so a real NaN loss goes through the real step."""
-
-    ENV = "DINO_FAULT_NONFINITE_STEPS"
+    """A drill for rehearsals and tests, set in the run's config only
+    (``drill.nonfinite_steps=[5,9]``, never from the environment: a stray variable must not
+    put NaNs into a real run): NaN crops at those global steps, so a real NaN loss goes
+    through the real step."""
 
     def __init__(self, steps: set[int]) -> None:
         self.steps = steps
-
-    @classmethod
-    def from_env(cls) -> FaultInjector:
-        raw = os.environ.get(cls.ENV, "")
-        return cls({int(x) for x in raw.split(",") if x.strip()})
 
     def crops(self, crops: list[torch.Tensor], step: int) -> list[torch.Tensor]:
         return [c * float("nan") for c in crops] if step in self.steps else crops
