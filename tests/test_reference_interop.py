@@ -504,10 +504,30 @@ def test_init_from_our_checkpoint_and_our_exported_backbone(tmp_path):
         assert all(torch.equal(v, backbone[k]) for k, v in net.backbone.state_dict().items())
 
 
-def test_preflight_checks_that_init_from_exists(tmp_path):
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_preflight_checks_that_init_from_exists_and_reads_as_weights(tmp_path):
+    """Its contents too, before Ray (they were read only in the worker, ~1 minute in): an
+    empty, a damaged and a malicious file are each one CheckpointError naming the file, and
+    nothing of the malicious one runs."""
     with pytest.raises(CheckpointError, match="train.init_from: no file"):
         check_init_from(str(tmp_path / "missing.pth"))
     with pytest.raises(CheckpointError, match="train.init_from"):
         check_init_from(str(tmp_path / "no_run"))
-    (tmp_path / "here.pth").write_bytes(b"")
-    check_init_from(str(tmp_path / "here.pth"))
+    student, teacher = tiny_run_networks()
+    good = main_dino_file(tmp_path / "checkpoint.pth", student, teacher, torch.zeros(1, 64))
+    check_init_from(str(good))
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 5 + b"not a header")
+    marker = tmp_path / "ran"
+    torch.save({"teacher": _RunsCode(marker)}, tmp_path / "evil.pth")
+    for name in ("empty.pth", "bad.safetensors", "evil.pth"):
+        with pytest.raises(CheckpointError, match=f"train.init_from.*{name}"):
+            check_init_from(str(tmp_path / name))
+    assert not marker.exists()

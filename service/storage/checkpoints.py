@@ -12,9 +12,12 @@ import hashlib
 import io
 import json
 import logging
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from service.errors import CheckpointError, StorageError
@@ -80,12 +83,29 @@ def verify(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+# what a state.pt holds besides tensors and plain containers: numpy's RNG state
+# (np.random.get_state(), a uint32 array); nothing else is ever built from one
+_NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 / 1
+STATE_GLOBALS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
 def load_checkpoint(uri: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Loads a verified checkpoint from a local directory or a storage URL."""
+    """Loads a verified checkpoint from a local directory or a storage URL. The manifest
+    proves the files whole, not who wrote them (it sits in the same storage), so the state is
+    read with ``weights_only=True``: a pickle holding anything but tensors, plain containers
+    and numpy's RNG state is refused before any of it is built."""
     local = storage.download_dir(str(uri))
     verify(local)
     with open(local / STATE, "rb") as f:
-        return torch.load(io.BytesIO(f.read()), map_location=map_location, weights_only=False)
+        blob = io.BytesIO(f.read())
+    try:
+        with torch.serialization.safe_globals(STATE_GLOBALS):
+            return torch.load(blob, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        what = f"a pickled {found.group(1)}" if found else "something else"
+        raise CheckpointError(f"{storage.join(str(uri), STATE)}: refused: it holds {what}, which no "
+                              "checkpoint of dino holds; nothing of it was run") from None
 
 
 def load_latest_valid(

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
@@ -71,7 +72,12 @@ def read_init_weights(uri: str) -> InitWeights:
                            list(ref.notes))
     if uri.endswith(".safetensors"):
         local = _local(uri)
-        if read_metadata(local).get("format") != "dino-backbone-v1":
+        try:
+            meta = read_metadata(local)
+        except SafetensorError as err:
+            raise CheckpointError(f"train.init_from={uri} is not a readable .safetensors file "
+                                  f"({err}): truncated or not one at all") from None
+        if meta.get("format") != "dino-backbone-v1":
             raise ValueError(f"train.init_from={uri} is not a DINO backbone file")
         return InitWeights("exported backbone", {"teacher": load_file(local)})
     where, state = ckpt.load(uri)
@@ -178,10 +184,18 @@ def apply_init_from(uri: str, student: nn.Module, teacher: nn.Module,
 
 
 def check_init_from(uri: str) -> None:
-    """The preflight's check: ``uri`` is a file that exists, or a checkpoint / run folder."""
+    """The preflight's check: ``uri`` is a file that exists and reads as weights (a damaged
+    or malicious file fails here, before Ray, not a minute into the run), or a checkpoint /
+    run folder. Whether its shapes fit the model is checked where the model is built."""
     if uri.endswith(FILES):
         if not storage.exists(uri):
             raise CheckpointError(f"train.init_from: no file {uri}")
+        try:
+            read_init_weights(uri)
+        except CheckpointError:
+            raise
+        except (ValueError, RuntimeError) as err:  # the readers' errors name the file
+            raise CheckpointError(f"train.init_from: {err}") from None
         return
     try:
         ckpt.resolve(uri)
