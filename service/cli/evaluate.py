@@ -19,6 +19,16 @@ def _splits_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val", required=True, help="labeled val folder/URL or 'procedural'")
 
 
+def _settings_args(p: argparse.ArgumentParser) -> None:
+    """The run settings a file without them is evaluated with (procedural set, image size)."""
+    p.add_argument("--preset", help="evaluate with this preset's settings (procedural set, "
+                                    "eval.image_size) instead of the checkpoint's; for a file "
+                                    "that holds none (a reference .pth), the run's preset")
+    p.add_argument("--config", help="the same from a YAML file (e.g. the run's config.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="settings on top, e.g. data.procedural_image_size=48")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a checkpoint").add_subparsers(
         dest="eval_command", required=True)
@@ -35,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dump-features", metavar="FILE", help="save features to this .pt file")
     p.add_argument("--load-features", metavar="FILE", help="reuse features from this file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _settings_args(p)
     mlflow_args(p)
     p.set_defaults(fn=cmd_eval_knn)
 
@@ -58,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", metavar="DIR",
                    help="local folder for the probe checkpoint (rerun to resume) and results")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _settings_args(p)
     mlflow_args(p)
     p.set_defaults(fn=cmd_eval_linear)
 
@@ -70,7 +82,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      help="sample N of the run's procedural validation set")
     p.add_argument("--out", metavar="DIR", help="folder for the PNG files")
     p.add_argument("--image-size", type=positive_int,
-                   help="resize the shorter side (default: as is)")
+                   help="resize the shorter side to this first (default: the image's own); "
+                        "--max-side still applies")
+    p.add_argument("--max-side", type=positive_int, default=1024,
+                   help="longest side of the network input and of every picture written "
+                        "(default: 1024): a larger image is shrunk to it, its sides rounded "
+                        "down to multiples of the patch size; a small image's pictures are "
+                        "enlarged for viewing (to 224 px) but never past it; a line on "
+                        "stderr says when either happened")
     p.add_argument("--keep", type=float, default=0.6,
                    help="attention mass kept in the masks (paper: 0.6)")
     p.add_argument("--jaccard", type=positive_int, metavar="N",
@@ -95,13 +114,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_export)
 
 
+def _say(line: str) -> None:
+    """A line about how the command runs, on stderr: stdout stays the result (``--json``)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def cmd_eval_knn(args: argparse.Namespace) -> int:
     from service.evaluate.knn import knn_eval
 
     res = knn_eval(args.checkpoint, args.train, args.val, image_size=args.image_size,
                    ks=args.k, temperature=args.temperature, batch_size=args.batch_size,
                    num_workers=args.num_workers, dump=args.dump_features,
-                   load=args.load_features, which=args.weights)
+                   load=args.load_features, which=args.weights, preset=args.preset,
+                   config_file=args.config, overrides=args.overrides)
+    _say(res["data"]["note"])
     if args.json:
         print(json.dumps(res))
     else:
@@ -129,7 +155,9 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
                       n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
                       num_workers=args.num_workers, output_dir=args.output_dir,
                       device=args.device, seed=args.seed, on_epoch_end=progress,
-                      which=args.weights, crop_scale=args.crop_scale)
+                      which=args.weights, crop_scale=args.crop_scale, preset=args.preset,
+                      config_file=args.config, overrides=args.overrides,
+                      on_settings=_say)
     if args.json:
         print(json.dumps(res))
     else:
@@ -155,7 +183,9 @@ def cmd_attention(args: argparse.Namespace) -> int:
     if one_image:
         res = visualize.attention_pictures(args.checkpoint, args.out, args.image,
                                            args.procedural_index, args.image_size, args.keep,
-                                           args.weights)
+                                           args.weights, args.max_side)
+        if res["note"]:
+            print(res["note"], file=sys.stderr)
     if args.jaccard is not None:
         res["jaccard"] = visualize.jaccard_report(args.checkpoint, args.jaccard,
                                                   args.image_size, args.keep, args.weights)

@@ -64,10 +64,79 @@ def read_image(uri: str, size_hint: int | None = None) -> Image.Image:
         raise DataError(f"{uri} is not a readable image ({type(err).__name__}: {err})") from err
 
 
+# No picture written (nor the network input) has a side longer than this unless asked: a
+# 10000x10 image once became 1,120,010 px wide pictures (~390 MB, 3 minutes).
+DEFAULT_MAX_SIDE = 1024
+
+
+def fit_size(width: int, height: int, patch: int, image_size: int | None,
+             max_side: int) -> tuple[int, int] | None:
+    """The size the network input is resized to, or None to keep the image as it is (then only
+    cropped to multiples of the patch, as the reference does).
+
+    The shorter side goes to ``image_size`` if given, then the whole image shrinks until its
+    longer side is at most ``max_side``; the sides are then rounded down to multiples of the
+    patch, and never below one patch (a very thin image is stretched to one patch across).
+    """
+    if max_side < patch:
+        raise ValueError(f"--max-side {max_side} is smaller than one patch of the backbone "
+                         f"({patch} px); use at least {patch}")
+    w, h = float(width), float(height)
+    if image_size is not None:
+        w, h = w * image_size / min(width, height), h * image_size / min(width, height)
+    if max(w, h) > max_side:
+        w, h = w * max_side / max(w, h), h * max_side / max(w, h)
+    if (w, h) == (width, height) and min(width, height) >= patch:
+        return None
+    return max(patch, int(w) // patch * patch), max(patch, int(h) // patch * patch)
+
+
+def display_factor(height: int, width: int, max_side: int) -> int:
+    """The integer factor a small input is enlarged by for viewing: up to ``DISPLAY_MIN_SIDE``
+    on its shorter side, never past ``max_side`` on its longer one."""
+    wanted = math.ceil(DISPLAY_MIN_SIDE / min(height, width))
+    return max(1, min(wanted, max_side // max(height, width)))
+
+
 def _enlarge(picture: Image.Image, factor: int, resample: Image.Resampling) -> Image.Image:
     if factor == 1:
         return picture
     return picture.resize((picture.width * factor, picture.height * factor), resample)
+
+
+def _fit(picture: Image.Image, max_side: int) -> Image.Image:
+    """``picture`` shrunk (aspect kept) so that its longer side is at most ``max_side``."""
+    if max(picture.size) <= max_side:
+        return picture
+    scale = max_side / max(picture.size)
+    size = (max(1, int(picture.width * scale)), max(1, int(picture.height * scale)))
+    return picture.resize(size, Image.Resampling.LANCZOS)
+
+
+def bounded_grid(image: np.ndarray, attn: torch.Tensor, max_side: int) -> Image.Image:
+    """The image and its heat maps as one picture of at most ``max_side`` per side: one row
+    when it fits, else the layout with the shortest longer side, shrunk to fit."""
+    tiles = attn.shape[0] + 1
+    height, width = image.shape[:2]
+    ncols = tiles
+    if tiles * width > max_side:
+        ncols = min(range(1, tiles + 1),
+                    key=lambda c: max(c * width, math.ceil(tiles / c) * height))
+    return _fit(attention_grid(image, attn, ncols), max_side)
+
+
+def _note(resized: dict | None, factor: int, image_size: int | None, max_side: int,
+          patch: int) -> str | None:
+    """One line saying how the input was resized and the pictures enlarged, if they were."""
+    parts = []
+    if resized is not None:
+        (w0, h0), (w1, h1) = resized["from"], resized["to"]
+        why = f"--image-size {image_size}, " if image_size is not None else ""
+        parts.append(f"resized {w0}x{h0} to {w1}x{h1} ({why}--max-side {max_side}, sides "
+                     f"multiples of the {patch} px patch)")
+    if factor > 1:
+        parts.append(f"pictures enlarged {factor}x for viewing (at most --max-side {max_side})")
+    return "attention: " + "; ".join(parts) if parts else None
 
 
 def attention_pictures(
@@ -78,13 +147,15 @@ def attention_pictures(
     image_size: int | None = None,
     keep: float = 0.6,
     which: str = "teacher",
+    max_side: int = DEFAULT_MAX_SIDE,
 ) -> dict[str, Any]:
     """Writes the last block's per-head attention of one image as pictures.
 
-    Files in ``out_dir``: ``image.png`` (the input, cropped to a multiple of the patch size),
+    Files in ``out_dir``: ``image.png`` (the network input: the image resized as
+    :func:`fit_size` says, else cropped to a multiple of the patch size),
     ``attn-head{i}.png`` (heat-map overlays), ``attn-grid.png`` (image + all heads),
     ``mask-head{i}.png`` (the ``keep``-mass masks, 0/255) and ``pca.png`` (first 3 principal
-    components of the patch tokens as RGB).
+    components of the patch tokens as RGB). None has a side longer than ``max_side``.
 
     Args:
         checkpoint: checkpoint dir/URL or exported backbone file.
@@ -92,13 +163,16 @@ def attention_pictures(
         image: image path or URL; or
         procedural_index: sample ``N`` of the run's procedural validation set, which also
             scores each head's mask against the object's ground truth.
-        image_size: shorter side the image is resized to (None: as it is).
+        image_size: shorter side the image is resized to (None: its own, within ``max_side``).
         keep: attention mass kept in the masks (paper: 0.6).
         which: ``teacher``, ``student`` or ``random`` (see ``load_backbone``).
+        max_side: the longest side of the network input (see :func:`fit_size`) and of every
+            picture (small images are enlarged for viewing up to it, not past it).
 
     Returns:
-        ``{"paths": [...], "heads", "patch_size", "height", "width"}`` plus, for a procedural
-        image, ``"image_jaccard": [per head]``.
+        ``{"paths": [...], "heads", "patch_size", "height", "width", "resized" ({"from":
+        [w, h], "to": [w, h]} or None), "display_scale", "note" (a line, or None)}`` plus,
+        for a procedural image, ``"image_jaccard": [per head]``.
     """
     if (image is None) == (procedural_index is None):
         raise ValueError("give exactly one of an image or a procedural index")
@@ -106,52 +180,55 @@ def attention_pictures(
     p = vit_patch_size(model)
     gt = None
     if image is not None:
-        picture = read_image(image, image_size)
+        picture = read_image(image, min(image_size or max_side, max_side))
     else:
         picture, _, gt = procedural_set(cfg, procedural_index + 1).sample(procedural_index)
-    x, rgb = prepare_image(picture, p, image_size)
+    size = fit_size(picture.width, picture.height, p, image_size, max_side)
+    resized = None
+    if size is not None:
+        resized = {"from": list(picture.size), "to": list(size)}
+        picture = picture.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        if gt is not None:
+            gt = np.asarray(Image.fromarray(gt).resize(size, Image.Resampling.NEAREST))
+    x, rgb = prepare_image(picture, p)
     attn = attention_maps(model, x)  # (heads, h, w)
     masks = attention_masks(attn, keep, p).numpy()  # (heads, H, W)
     height, width = rgb.shape[:2]
-
-    factor = max(1, math.ceil(DISPLAY_MIN_SIDE / min(height, width)))
-    big = np.asarray(_enlarge(Image.fromarray(rgb), factor, Image.Resampling.BICUBIC))
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    pictures: dict[str, Image.Image] = {"image.png": Image.fromarray(big)}
-    for i, a in enumerate(attn):
-        pictures[f"attn-head{i}.png"] = heatmap_overlay(big, a)
-        mask = Image.fromarray(masks[i].astype(np.uint8) * 255)
-        pictures[f"mask-head{i}.png"] = _enlarge(mask, factor, Image.Resampling.NEAREST)
-    pictures["attn-grid.png"] = attention_grid(big, attn)
-    pictures["pca.png"] = _enlarge(pca_rgb(model, x), factor, Image.Resampling.NEAREST)
-    paths = []
-    for name, pic in pictures.items():
-        pic.save(out / name)
-        paths.append(str(out / name))
+    factor = display_factor(height, width, max_side)
+    paths = _write(Path(out_dir), rgb, attn, masks, pca_rgb(model, x), factor, max_side)
     res: dict[str, Any] = {
         "paths": paths,
         "heads": int(attn.shape[0]),
         "patch_size": p,
         "height": height,
         "width": width,
+        "resized": resized,
+        "display_scale": factor,
+        "note": _note(resized, factor, image_size, max_side, p),
     }
     if gt is not None:
-        target = _gt_like(gt, picture, image_size, rgb)
+        target = np.asarray(gt)[:height, :width]
         res["image_jaccard"] = [jaccard(m, target) for m in masks]
     return res
 
 
-def _gt_like(
-    gt: np.ndarray, picture: Image.Image, image_size: int | None, rgb: np.ndarray
-) -> np.ndarray:
-    """The ground-truth mask resized and cropped exactly as ``prepare_image`` did the image."""
-    mask = Image.fromarray(gt)
-    if image_size is not None:
-        scale = image_size / min(picture.size)
-        size = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
-        mask = mask.resize(size, Image.Resampling.NEAREST)
-    return np.asarray(mask)[: rgb.shape[0], : rgb.shape[1]]
+def _write(out: Path, rgb: np.ndarray, attn: torch.Tensor, masks: np.ndarray,
+           pca: Image.Image, factor: int, max_side: int) -> list[str]:
+    """Saves the pictures of one image, each enlarged ``factor`` times; returns their paths."""
+    big = np.asarray(_enlarge(Image.fromarray(rgb), factor, Image.Resampling.BICUBIC))
+    out.mkdir(parents=True, exist_ok=True)
+    pictures: dict[str, Image.Image] = {"image.png": Image.fromarray(big)}
+    for i, a in enumerate(attn):
+        pictures[f"attn-head{i}.png"] = heatmap_overlay(big, a)
+        mask = Image.fromarray(masks[i].astype(np.uint8) * 255)
+        pictures[f"mask-head{i}.png"] = _enlarge(mask, factor, Image.Resampling.NEAREST)
+    pictures["attn-grid.png"] = bounded_grid(big, attn, max_side)
+    pictures["pca.png"] = _enlarge(pca, factor, Image.Resampling.NEAREST)
+    paths = []
+    for name, pic in pictures.items():
+        pic.save(out / name)
+        paths.append(str(out / name))
+    return paths
 
 
 def jaccard_report(

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from dino_core.interop.export import backbone_state_from_checkpoint, read_metadata, save_backbone
@@ -79,10 +80,24 @@ def fetch_file(uri: str) -> str:
     return local
 
 
+def safetensors_metadata(local: str, uri: str) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file, read before anything else of it: for random
+    bytes or a truncated download the library says only "Error while deserializing header".
+
+    Raises:
+        CheckpointError: naming ``uri`` and what the library found.
+    """
+    try:
+        return read_metadata(local)
+    except SafetensorError as err:
+        raise CheckpointError(f"{uri} is not a readable .safetensors file ({err}): truncated "
+                              "or not one at all; export it again with `dino export`") from None
+
+
 def file_config(local: str, uri: str) -> DinoConfig | None:
     """The run settings an exported file carries (``dino_config``), so that evaluations use
     the run's procedural set and image size; None, with a warning, for a file without them."""
-    meta = read_metadata(local)
+    meta = safetensors_metadata(local, uri)
     if CONFIG_KEY in meta:
         return DinoConfig.model_validate(json.loads(meta[CONFIG_KEY]))
     log.warning("%s holds no run settings (exported before they were stored): the default "

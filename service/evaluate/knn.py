@@ -15,6 +15,7 @@ from dino_core.eval import extract_features
 from service import data
 from service.config import DinoConfig, parse_source
 from service.evaluate.backbone import load_backbone
+from service.evaluate.settings import describe, eval_settings
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +44,49 @@ def eval_image_size(image_size: int | None, cfg: DinoConfig | None, model: torch
     return image_size
 
 
+def split_features(model: torch.nn.Module, train_path: str, val_path: str, image_size: int,
+                   cfg: DinoConfig, batch_size: int, num_workers: int) -> dict[str, Any]:
+    """``{"train"|"val": {"features", "labels"}, "image_size"}`` of the two labeled splits,
+    their classes matched by name."""
+    splits = {name: labeled_split(path, image_size, cfg, name == "train")
+              for name, path in (("train", train_path), ("val", val_path))}
+    data.align_classes(splits["train"], splits["val"])  # by name; labeled, or an error
+    feats: dict[str, Any] = {}
+    for name, ds in splits.items():
+        f, y = extract_features(model, data.eval_loader(ds, batch_size, num_workers))
+        feats[name] = {"features": f, "labels": y}
+    feats["image_size"] = image_size
+    return feats
+
+
 def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int | None = None,
              ks: list[int] | tuple[int, ...] = (10, 20, 100, 200), temperature: float = 0.07,
              batch_size: int = 128, num_workers: int = 2, dump: str | None = None,
-             load: str | None = None, which: str = "teacher") -> dict[str, Any]:
+             load: str | None = None, which: str = "teacher", preset: str | None = None,
+             config_file: str | None = None,
+             overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Weighted k-NN of the teacher backbone's l2-normalised CLS features.
 
-    ``image_size`` None: the run's ``eval.image_size``. Folder splits are matched by class
-    name. Raises DataError for a split without class folders or splits with no class in
-    common, ValueError for a bad ``ks`` or ``image_size``.
+    ``image_size`` None: the settings' ``eval.image_size``. The settings (procedural set,
+    image size) are ``preset``/``config_file`` if given, else the checkpoint's, else the
+    defaults, with ``overrides`` on top (``service.evaluate.settings``); ``data`` in the
+    result says which in a ``note`` line. Folder splits are matched by class name. Raises
+    DataError for a split without class folders or splits with no class in common,
+    ValueError for a bad ``ks`` or ``image_size``.
     """
     if not ks or min(ks) < 1:
         raise ValueError(f"--k must be at least 1, got {list(ks)}")
     if load:
         feats = torch.load(load)
+        used = {"from": "features", "note": f"k-NN on the features saved in {load} (image "
+                                            f"size {feats.get('image_size')})"}
     else:
-        model, cfg = load_backbone(checkpoint, which)
-        image_size = eval_image_size(image_size, cfg, model)
-        splits = {name: labeled_split(path, image_size, cfg, name == "train")
-                  for name, path in (("train", train_path), ("val", val_path))}
-        data.align_classes(splits["train"], splits["val"])  # by name; labeled, or an error
-        feats = {}
-        for name, ds in splits.items():
-            f, y = extract_features(model, data.eval_loader(ds, batch_size, num_workers))
-            feats[name] = {"features": f, "labels": y}
-        feats["image_size"] = image_size
+        model, file_cfg = load_backbone(checkpoint, which)
+        settings = eval_settings(checkpoint, file_cfg, preset, config_file, overrides)
+        size = eval_image_size(image_size, settings.cfg, model)
+        used = describe("k-NN", settings, train_path, val_path, size, image_size is not None)
+        feats = split_features(model, train_path, val_path, size, settings.cfg, batch_size,
+                               num_workers)
         if dump:
             torch.save(feats, dump)
     tr, va = feats["train"], feats["val"]
@@ -78,4 +97,4 @@ def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int | 
     return {"top1": res[k_main]["top1"], "top5": res[k_main]["top5"], "k": k_main,
             "by_k": {str(k): v for k, v in res.items()}, "n_train": len(tr["labels"]),
             "n_val": len(va["labels"]), "num_classes": num_classes,
-            "image_size": feats.get("image_size")}
+            "image_size": feats.get("image_size"), "data": used}

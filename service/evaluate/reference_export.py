@@ -22,7 +22,7 @@ from dino_core.interop.reference import (
 )
 from service import storage
 from service.config import DinoConfig
-from service.evaluate.backbone import check_out, fetch_file, put_file
+from service.evaluate.backbone import check_out, fetch_file, put_file, safetensors_metadata
 from service.storage import checkpoints as ckpt
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,9 @@ def export_reference(checkpoint_uri: str, out: str) -> str:
     if checkpoint_uri.endswith(".pth"):
         raise ValueError(f"{checkpoint_uri} is a reference file already")
     if checkpoint_uri.endswith(".safetensors"):
-        obj: dict[str, Any] = reference_backbone_state(load_file(fetch_file(checkpoint_uri)))
+        local = fetch_file(checkpoint_uri)
+        safetensors_metadata(local, checkpoint_uri)  # a damaged file: one line naming it
+        obj: dict[str, Any] = reference_backbone_state(load_file(local))
     else:
         _, state = ckpt.load(checkpoint_uri)
         cfg = DinoConfig.model_validate(state["config"])

@@ -12,7 +12,7 @@ from torch import nn
 
 from dino_core.data.folder import load_rgb
 from dino_core.data.instances import InstanceSet
-from dino_core.data.roxford import load_revisited
+from dino_core.data.roxford import RevisitedSet, load_revisited
 from dino_core.eval.retrieval import (
     SCALES,
     crop_box,
@@ -22,6 +22,7 @@ from dino_core.eval.retrieval import (
 )
 from service import storage
 from service.config import DinoConfig
+from service.errors import DataError
 from service.evaluate.backbone import load_backbone
 
 RETRIEVAL_IMSIZE = 224  # the reference's --imsize (its README: 224 for Oxford, 512 for Paris)
@@ -39,6 +40,28 @@ def local_folder(path: str, what: str) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"{what}: no folder {folder}")
     return folder
+
+
+def read_ground_truth(folder: Path, dataset: str) -> RevisitedSet:
+    """``load_revisited``, whose every failure names the file: a truncated or damaged pickle
+    fails inside the unpickler in many ways (EOFError, UnpicklingError, IndexError, ...).
+
+    Raises:
+        FileNotFoundError: no ground-truth file; DataError: one that does not read.
+    """
+    path = folder / dataset / f"gnd_{dataset}.pkl"
+    try:
+        return load_revisited(folder, dataset)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a damaged pickle raises many types
+        text = str(err) or type(err).__name__
+        if str(path) in text:  # the layout checks name the file already
+            raise DataError(text) from None
+        if isinstance(err, ValueError) and "refusing to unpickle" in text:
+            raise DataError(f"{path}: {text}; nothing of it was run") from None
+        raise DataError(f"{path} is not a readable ground-truth pickle, truncated or damaged "
+                        f"({type(err).__name__}: {text}); download it again") from None
 
 
 def patch_size_of(model: nn.Module) -> int:
@@ -95,7 +118,7 @@ def retrieval_eval(checkpoint: str, data: str = "procedural", dataset: str = "ro
         gallery = [s.gallery(j) for j in range(s.n_gallery)]
         name = "procedural-instances"
     else:
-        rs = load_revisited(local_folder(data, "--data"), dataset)
+        rs = read_ground_truth(local_folder(data, "--data"), dataset)
         gnd = rs.gnd
         queries = [load_rgb(rs.image_path(n)) for n in rs.qimlist]
         gallery = [load_rgb(rs.image_path(n)) for n in rs.imlist]
