@@ -13,14 +13,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (objective: k-NN)",
                        epilog="Default space: loss.teacher_temp x optim.momentum_teacher grid.")
     config_args(p)
-    p.add_argument("--name", help="sweep name (default: <run_name>-sweep); same name resumes")
+    p.add_argument("--name", help="sweep name (default: <run_name>-sweep); with --resume, "
+                                  "the sweep to continue")
     p.add_argument("--param", action="append", metavar="KEY=SPACE",
                    help="e.g. optim.lr=loguniform:1e-4,1e-2 or loss.teacher_temp=grid:0.04,0.07")
     p.add_argument("--add-default-space", action="store_true",
                    help="sweep the default keys as well as --param ones")
     p.add_argument("--num-samples", type=int, default=1, help="repeats of the space")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials at a time")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep from its own record (sweep.json): "
+                        "finished trials are kept, the others continue from their checkpoints")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_tune)
 
@@ -44,14 +47,22 @@ def cmd_tune(args: argparse.Namespace) -> int:
     out = run_sweep(cfg, spec, resume=args.resume)
     flush_ray_logs()
     rows = out["rows"]
-    keys = list(space)
     print(f"\n[dino] sweep results ({len(rows)} trials, best first), {out['sweep_url']}")
-    header = [*keys, OBJECTIVE, "teacher_entropy", "status"]
-    print("  ".join(f"{h:>22}" for h in header))
-    for r in rows:
-        cells = [f"{r[k]:>22}" for k in keys]
-        cells += [f"{r[OBJECTIVE]:>22.2f}", f"{r['teacher_entropy']:>22.3f}", f"  {r['status']}"]
-        print("  ".join(cells))
+    print(results_table(rows, list(space)))
     if args.json:
         print(json.dumps(out, default=str))
     return 0
+
+
+def results_table(rows: list[dict], keys: list[str]) -> str:
+    """The swept values, the best k-NN top-1, the teacher's entropy and the epochs done of
+    each trial, as it last reported each; ``-`` for a value it never reported."""
+    from service.sweep import OBJECTIVE
+
+    columns = [*keys, OBJECTIVE, "teacher_entropy", "epochs"]
+    formats = {OBJECTIVE: "{:.2f}", "teacher_entropy": "{:.3f}", "epochs": "{:d}"}
+    lines = ["  ".join(f"{h:>22}" for h in [*columns, "status"])]
+    for r in rows:
+        cells = ["-" if r[c] is None else formats.get(c, "{}").format(r[c]) for c in columns]
+        lines.append("  ".join([*(f"{c:>22}" for c in cells), f"  {r['status']}"]))
+    return "\n".join(lines)

@@ -1,9 +1,11 @@
 """Hyperparameter sweeps: Ray Tune over Ray Train runs (``run``), their search space
-(``space``), the collapse stopper (``stopper``) and results (``results``)."""
+(``space``), the plan drawn from it and the sweep's own JSON record (``plan``, ``record``:
+what ``--resume`` starts from), the collapse stopper (``stopper``) and results
+(``results``)."""
 
 from service.sweep.results import SweepSpec
 from service.sweep.run import knn_chance, run_sweep
-from service.sweep.space import DEFAULT_SPACE, check_space, parse_domain
+from service.sweep.space import DEFAULT_SPACE, check_space, expand
 from service.sweep.stopper import OBJECTIVE, CollapseStopper
 
 __all__ = [
@@ -12,7 +14,7 @@ __all__ = [
     "CollapseStopper",
     "SweepSpec",
     "check_space",
+    "expand",
     "knn_chance",
-    "parse_domain",
     "run_sweep",
 ]

@@ -4,21 +4,25 @@ objective, the best trial's backbone, published to storage and the parent MLflow
 from __future__ import annotations
 
 import csv
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 from service import storage
 from service.config import DinoConfig
 from service.sweep.heatmap import objective_heatmap
+from service.sweep.record import TrialResult
 from service.sweep.space import DEFAULT_SPACE
-from service.sweep.stopper import OBJECTIVE, CollapseStopper
+from service.sweep.stopper import OBJECTIVE
 from service.tracking import Tracker
 
 
-def trial_run_name(sweep: str, trial_id: str) -> str:
-    """The Train run (checkpoints, MLflow child run) of one trial."""
-    return f"{sweep}-{trial_id}"
+def trial_run_name(sweep: str, index: int) -> str:
+    """The Train run (checkpoints, MLflow child run) of trial ``index`` of the sweep's plan:
+    the same name whenever the sweep runs or resumes."""
+    return f"{sweep}-t{index:03d}"
 
 
 @dataclass
@@ -32,27 +36,35 @@ class SweepSpec:
     collapse_margin: float = 0.05  # entropy within 5% of 0 or log K is collapse
 
 
-def result_rows(grid, spec: SweepSpec, stopper: CollapseStopper) -> list[dict]:
+def status_label(result: TrialResult) -> str:
+    """``ok``, ``collapsed: <why>``, ``error: <what>``, or ``not finished`` (``--resume``
+    runs it)."""
+    if result.status in ("collapsed", "error"):
+        return f"{result.status}: {result.detail}" if result.detail else result.status
+    return "ok" if result.status == "ok" else "not finished"
+
+
+def result_rows(name: str, trials: list[dict[str, Any]], results: dict[str, TrialResult],
+                root: str) -> list[dict[str, Any]]:
+    """One row per trial of the plan, best first. Each value is the trial's own latest
+    report of it (``record.TrialLog``), None where it never reported one: a row is never
+    read off a single report, which may lack them (a mid-epoch checkpoint's report has no
+    teacher entropy and the epoch still in progress)."""
     rows = []
-    for r in grid:
-        df = r.metrics_dataframe
-        best = float(df[OBJECTIVE].max()) if df is not None and OBJECTIVE in df else float("nan")
-        trial_id = (r.metrics or {}).get("trial_id", "")
-        status = "error" if r.error else "ok"
-        if trial_id in stopper.reasons:
-            status = f"collapsed: {stopper.reasons[trial_id]}"
-        row = {k: r.config.get(k) for k in spec.space}
-        row.update({
-            OBJECTIVE: best,
-            "last_" + OBJECTIVE: (r.metrics or {}).get(OBJECTIVE, float("nan")),
-            "teacher_entropy": (r.metrics or {}).get("teacher_entropy", float("nan")),
-            "epochs": (r.metrics or {}).get("epoch"),
-            "status": status,
-            "run_name": trial_run_name(spec.name, trial_id),
-            "trial_dir": r.path,
+    for i, values in enumerate(trials):
+        run_name = trial_run_name(name, i)
+        r = results[run_name]
+        rows.append({
+            **values,
+            OBJECTIVE: r.best_objective,
+            "last_" + OBJECTIVE: r.last_objective,
+            "teacher_entropy": r.teacher_entropy,
+            "epochs": r.epochs,
+            "status": status_label(r),
+            "run_name": run_name,
+            "run_url": storage.join(root, run_name),
         })
-        rows.append(row)
-    rows.sort(key=lambda x: (-(x[OBJECTIVE] if x[OBJECTIVE] == x[OBJECTIVE] else -1e9)))
+    rows.sort(key=lambda x: -x[OBJECTIVE] if x[OBJECTIVE] is not None else math.inf)
     return rows
 
 
@@ -72,7 +84,7 @@ def publish(rows: list[dict], spec: SweepSpec, sweep_url: str, parent: Tracker,
             png = os.path.join(d, "objective_heatmap.png")
             objective_heatmap(rows, keys[0], keys[1], OBJECTIVE, png)
             files.append(png)
-        ok = [r for r in rows if r["status"] == "ok" and r[OBJECTIVE] == r[OBJECTIVE]]
+        ok = [r for r in rows if r["status"] == "ok" and r[OBJECTIVE] is not None]
         if ok:
             src = storage.join(base.storage.root, ok[0]["run_name"], "teacher_backbone.safetensors")
             if storage.exists(src):

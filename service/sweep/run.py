@@ -4,6 +4,13 @@ Each trial is a function trainable that fits a ``TorchTrainer`` whose reports re
 through ``TuneReportCallback``. The objective is k-NN top-1 on the labeled split, never the
 DINO loss: the loss depends on the teacher temperature itself, so it is not comparable
 across trials that change it.
+
+The sweep's state is its own JSON (``record``, ``plan``): the plan, written before Ray starts,
+and each trial's results, written by this driver as Tune reports them. ``--resume`` rebuilds
+the sweep from that alone and gives Tune only the unfinished trials, as a fresh experiment;
+each continues from its own run's checkpoints. ``Tuner.restore`` is never called and nothing
+Tune wrote is ever read back: its files are pickles, and loading one runs the code of whoever
+could write to the storage. Tune's own folder is a new one at every start (``tune/<time>``).
 """
 
 from __future__ import annotations
@@ -11,12 +18,16 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
+import time
 from typing import Any
 
 from service import data, storage
-from service.config import ConfigError, DinoConfig, apply_overrides, resolve_paths, validate
+from service.config import DinoConfig, apply_overrides, resolve_paths, validate
+from service.sweep.plan import load_plan, new_plan, trial_config
+from service.sweep.record import SweepRecord, TrialLog, TrialResult, read_trial
 from service.sweep.results import SweepSpec, publish, result_rows, trial_run_name
-from service.sweep.space import check_space, parse_domain
+from service.sweep.space import check_space
 from service.sweep.stopper import OBJECTIVE, CollapseStopper
 from service.train.driver import (
     build_trainer,
@@ -33,15 +44,14 @@ DRIVER_RESOURCE = "trial_driver"
 
 
 def _trial(config: dict[str, Any]) -> None:
-    """One trial: a Ray Train run of the base config with this trial's values."""
+    """One trial: a Ray Train run of the base config with this trial's values, under the
+    run name of its place in the plan (so a resumed sweep continues the same run)."""
     import ray.train
-    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-    base = config["__base__"]
-    overrides = [f"{k}={v}" for k, v in config.items() if not k.startswith("__")]
-    data = apply_overrides(dict(base), overrides)
-    data["run_name"] = trial_run_name(config["__sweep__"], tune.get_context().get_trial_id())
-    cfg = validate(data)
+
+    trial = config["__trial__"]
+    cfg = validate({**trial_config(config["__base__"], trial["values"]),
+                    "run_name": trial["run_name"]})
     storage.configure(cfg.storage.retry_seconds, cfg.storage.spool_dir)
     tracker = start_tracking(cfg, parent_run_id=config["__parent_run__"],
                              extra_tags={"sweep": config["__sweep__"]})
@@ -63,48 +73,98 @@ def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[s
     check_space(base, spec.space)
     sweep_url = storage.join(base.storage.root, spec.name)
     preflight(base, sweep_url)  # storage and data, before Ray
-    from ray import tune  # after every check: a bad sweep never imports Ray
-    from ray.tune.schedulers import ASHAScheduler
-
     storage.makedirs(base.storage.root)
+    if resume and not storage.exists(sweep_url):  # nothing to resume: a first start (a
+        # retried job's command line says --resume from its first attempt on)
+        print(f"[dino] no sweep {spec.name!r} at {sweep_url} yet: starting it", flush=True)
+        resume = False
+    record = load_plan(base, spec, sweep_url) if resume else new_plan(base, spec, sweep_url)
+    spec = SweepSpec(spec.name, **{**record.spec.model_dump(),
+                                   "max_concurrent": spec.max_concurrent})
+    names = [trial_run_name(spec.name, i) for i in range(len(record.trials))]
+    trials = TrialLog(sweep_url, {n: read_trial(sweep_url, n) if resume else TrialResult()
+                                  for n in names})
+    todo = [i for i, n in enumerate(names) if not trials.results[n].finished]
+    if resume:
+        print(f"[dino] resuming sweep {spec.name!r} from {sweep_url}/sweep.json: "
+              f"{len(names) - len(todo)} of {len(names)} trials finished, {len(todo)} to run "
+              "(Ray Tune's own files there are never read)", flush=True)
     parent = start_tracking(validate({**base.model_dump(mode="json"), "run_name": spec.name}),
                             extra_tags={"sweep": spec.name, "kind": "sweep"})
+    if todo:
+        _tune(base, spec, record, todo, trials, parent.run_id, sweep_url)
+    rows = result_rows(spec.name, record.trials, trials.results, base.storage.root)
+    publish(rows, spec, sweep_url, parent, base)
+    return {"rows": rows, "sweep_url": sweep_url, "parent_run_id": parent.run_id}
+
+
+def _tune(base: DinoConfig, spec: SweepSpec, record: SweepRecord, todo: list[int],
+          trials: TrialLog, parent_run_id: str | None, sweep_url: str) -> None:
+    """Runs the trials ``todo`` of the plan as a fresh Tune experiment (``tune.run``, not
+    ``Tuner.fit``: its ``ResultGrid`` would load an errored trial's ``error.pkl`` back from
+    storage). Their results reach ``trials`` through a driver-side callback."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
     init_ray(base, extra_resources={DRIVER_RESOURCE: spec.max_concurrent})
     check_shared_storage(base)
-
-    param_space: dict[str, Any] = {k: parse_domain(k, v) for k, v in spec.space.items()}
-    param_space.update({
-        "__base__": base.model_dump(mode="json"), "__sweep__": spec.name,
-        "__parent_run__": parent.run_id,
-    })
-    chance = knn_chance(base)
-    stopper = CollapseStopper(math.log(base.model.out_dim), chance, spec.collapse_margin,
-                              spec.collapse_patience)
-    trainable = tune.with_resources(_trial, _driver_resources())
-    run_config = tune.RunConfig(name=spec.name, stop=stopper, **storage_kwargs(base.storage.root))
-    path = storage.join(base.storage.root, spec.name)
-    if resume:
-        if not tune.Tuner.can_restore(path):
-            raise ConfigError(f"no sweep to resume at {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, param_space=param_space,
-                                   resume_errored=True)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space, run_config=run_config,
-            tune_config=tune.TuneConfig(
-                metric=OBJECTIVE, mode="max", num_samples=spec.num_samples,
-                max_concurrent_trials=spec.max_concurrent,
-                scheduler=ASHAScheduler(time_attr="epoch", grace_period=spec.asha_grace,
-                                        max_t=10_000),
-            ),
-        )
+    stopper = CollapseStopper(math.log(base.model.out_dim), knn_chance(base),
+                              spec.collapse_margin, spec.collapse_patience)
+    planned = [{"run_name": trial_run_name(spec.name, i), "values": record.trials[i]}
+               for i in todo]
     # k-NN runs every eval.knn_every_epochs, not at every report: reports without it are
     # fine (ASHA and the collapse stopper skip them), so Tune must not insist on it
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    grid = tuner.fit()
-    rows = result_rows(grid, spec, stopper)
-    publish(rows, spec, sweep_url, parent, base)
-    return {"rows": rows, "sweep_url": sweep_url, "parent_run_id": parent.run_id}
+    tune.run(
+        tune.with_resources(_trial, _driver_resources()),
+        name=time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime()) + f"-{secrets.token_hex(2)}",
+        config={"__trial__": tune.grid_search(planned), "__base__": record.base,
+                "__sweep__": spec.name, "__parent_run__": parent_run_id},
+        metric=OBJECTIVE, mode="max", stop=stopper, max_concurrent_trials=spec.max_concurrent,
+        scheduler=ASHAScheduler(time_attr="epoch", grace_period=spec.asha_grace, max_t=10_000),
+        callbacks=[_recorder(trials, stopper)], raise_on_failed_trial=False,
+        trial_name_creator=_run_name, trial_dirname_creator=_run_name,
+        **storage_kwargs(storage.join(sweep_url, "tune")),
+    )
+
+
+def _run_name(trial: Any) -> str:
+    return trial.config["__trial__"]["run_name"]
+
+
+def _recorder(log_: TrialLog, stopper: CollapseStopper) -> Any:
+    """A Tune callback (on this driver) that hands each trial's start, reports and end to
+    ``log_``, which writes them to the sweep's record."""
+    from ray import tune
+
+    class Recorder(tune.Callback):
+        def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log_.started(_run_name(trial))
+
+        def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
+                            **info: Any) -> None:
+            log_.reported(_run_name(trial), result, OBJECTIVE)
+
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any,
+                              **info: Any) -> None:
+            reason = stopper.reasons.get(trial.trial_id)
+            log_.ended(_run_name(trial), "collapsed" if reason else "ok", reason or "")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            log_.ended(_run_name(trial), "error", _last_error_line(trial.error_file))
+
+    return Recorder()
+
+
+def _last_error_line(path: str | None) -> str:
+    """The last line of the trial's error text, from Tune's staging folder on this machine
+    (a text file; its pickled twin is never read)."""
+    try:
+        with open(path or "", errors="replace") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def _driver_resources() -> dict[str, float]:

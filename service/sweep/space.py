@@ -1,8 +1,14 @@
 """The search space of a sweep: ``grid:a,b`` | ``choice:a,b`` | ``uniform:lo,hi`` |
 ``loguniform:lo,hi`` per config key, every value checked against the config before Ray
-starts."""
+starts, and expanded once into the sweep's trials (no Ray Tune domains: the trials are
+drawn here, so that the sweep's own record holds them)."""
 
 from __future__ import annotations
+
+import itertools
+import math
+import random
+from typing import Any
 
 from service.config import ConfigError, DinoConfig, apply_overrides, validate
 
@@ -35,16 +41,28 @@ def parse_spec(key: str, spec: str) -> tuple[str, list]:
     )
 
 
-def parse_domain(key: str, spec: str):
-    """The Ray Tune domain of a checked spec (``parse_spec``)."""
-    from ray import tune
-
-    kind, items = parse_spec(key, spec)
-    if kind == "grid":
-        return tune.grid_search(items)
+def draw(kind: str, items: list, rng: random.Random) -> Any:
+    """One value of a ``choice`` / ``uniform`` / ``loguniform`` spec (``parse_spec``)."""
     if kind == "choice":
-        return tune.choice(items)
-    return (tune.uniform if kind == "uniform" else tune.loguniform)(*items)
+        return rng.choice(items)
+    lo, hi = items
+    if kind == "uniform":
+        return rng.uniform(lo, hi)
+    return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+
+
+def expand(space: dict[str, str], num_samples: int, rng: random.Random) -> list[dict[str, Any]]:
+    """Every trial's values, as Ray Tune would lay them out: the grid's product, repeated
+    ``num_samples`` times, each trial drawing its random keys anew. Drawn once, at the start,
+    and written to the sweep's record, so that ``--resume`` runs the same trials."""
+    parsed = {k: parse_spec(k, v) for k, v in space.items()}
+    grid = [k for k, (kind, _) in parsed.items() if kind == "grid"]
+    trials = []
+    for _ in range(num_samples):
+        for combo in itertools.product(*(parsed[k][1] for k in grid)):
+            fixed = dict(zip(grid, combo))
+            trials.append({k: fixed[k] if k in fixed else draw(*parsed[k], rng) for k in space})
+    return trials
 
 
 def check_space(base: DinoConfig, space: dict[str, str]) -> None:
