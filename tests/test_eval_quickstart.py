@@ -1,14 +1,16 @@
-"""The evaluation suite's acceptance on a real run: ``dino train --preset quickstart`` (local
-Ray, its embedded defaults), then ``dino eval knn``, ``dino eval linear`` and ``dino attention
---jaccard`` of its teacher against a randomly initialised backbone of the same shape
-(``--weights random``), the evaluations through the command line's entry point in this
-process (six commands: ~1 minute of imports saved).
+"""The evaluation suite's acceptance on a real run: ``dino train --preset quickstart_dinov2
+train.epochs=4`` (local Ray, its embedded defaults), then ``dino eval knn``, ``dino eval
+linear`` and ``dino attention --jaccard`` of its teacher against a randomly initialised
+backbone of the same shape (``--weights random``), the evaluations through the command
+line's entry point in this process (six commands: ~1 minute of imports saved).
 
-The margins are well inside what was measured (see the closing note of the evaluation issue):
-on 2 CPU cores the quickstart sees ~25k crops, enough for shape features, not for a
-converged backbone. The run is the README's first command itself, under Ray: trained in
-process instead (the same loop, 2 threads, no Ray), its k-NN was 61.5% against 62.7%, too
-close to the +6 margin over the random backbone's 55.7%.
+Why this run and not the README's first command (``--preset quickstart``, DINO v1, 12 epochs):
+the v1 quickstart's 768 steps took ~6 minutes of the suite's 25 and beat the random backbone
+by only 5-7 points of k-NN (61.0-62.7% against 55.7%); the same model with DINOv2's recipe is
+further ahead after a third of the steps (measured 2026-12-03 on this run: k-NN 69.2% against
+55.7%, a 5-epoch linear probe 56.5% against 33.8%, best-head mask Jaccard 0.293 against
+0.099). The README's first command is run as such from a clean clone before each change
+lands, and its figures are in the README.
 """
 
 from __future__ import annotations
@@ -27,14 +29,17 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def quickstart(tmp_path_factory) -> Iterator[str]:
-    """The newest checkpoint of a quickstart run, trained exactly as the README's first command
-    does (only the storage root, and with it MLflow's file, moved into the test's folder)."""
+    """The newest checkpoint of a 4-epoch quickstart_dinov2 run, trained as the README's
+    commands do (only the storage root, and with it MLflow's file, moved into the test's
+    folder)."""
     root = tmp_path_factory.mktemp("quickstart")
     with private_ray_tmpdir() as ray_dir:
-        out = dino("train", "--preset", "quickstart", f"storage.root={root / 'runs'}",
-                   env={"RAY_TMPDIR": str(ray_dir)}, timeout=1200)
-    found = ckpt.load_latest_valid(ckpt.checkpoint_dirs(str(root / "runs" / "quickstart")))
-    assert found is not None and found[1]["global_step"] == 768, out.stdout[-3000:]
+        out = dino("train", "--preset", "quickstart_dinov2", "train.epochs=4",
+                   f"storage.root={root / 'runs'}", env={"RAY_TMPDIR": str(ray_dir)},
+                   timeout=900)
+    found = ckpt.load_latest_valid(
+        ckpt.checkpoint_dirs(str(root / "runs" / "quickstart_dinov2")))
+    assert found is not None and found[1]["global_step"] == 256, out.stdout[-3000:]
     print(out.stdout[-1500:])
     yield str(found[0])
 
@@ -51,42 +56,40 @@ def both(capsys, *args: str) -> tuple[dict, dict]:
     return dino_json(capsys, *args), dino_json(capsys, *args, "--weights", "random")
 
 
-@pytest.mark.budget(720)
+@pytest.mark.budget(420)
 def test_knn_of_the_trained_teacher_is_far_above_a_random_backbone(quickstart, capsys):
-    """(Its budget holds the quickstart's training, ~4 minutes: the module's fixture.)"""
+    """(Its budget holds the run's training, ~2 minutes: the module's fixture.)"""
     trained, random = both(capsys, "eval", "knn", "--checkpoint", quickstart, "--train",
                            "procedural", "--val", "procedural", "--image-size", "32", "--k",
                            "20", "--num-workers", "0")
     with capsys.disabled():
         print(f"\nk-NN top-1: trained {trained['top1']:.1f}%, random {random['top1']:.1f}%, "
               f"chance {100 / trained['num_classes']:.1f}%")
-    # measured against the random backbone's 55.7%: 62.7% (2026-12-01), 61.0% (2026-12-03),
-    # and 61.5% trained in process: a 768-step CPU run is not bit-reproducible from machine
-    # to machine (multi-threaded kernels), so the margin sits below the lowest seen
-    assert trained["top1"] >= random["top1"] + 4
+    # measured: 69.2% against the random backbone's 55.7% (2026-12-03); a CPU run is not
+    # bit-reproducible from machine to machine (multi-threaded kernels): the margin is 8
+    assert trained["top1"] >= random["top1"] + 8
 
 
-@pytest.mark.budget(420)
+@pytest.mark.budget(240)
 def test_linear_probe_of_the_trained_teacher_is_far_above_a_random_backbone(quickstart, capsys):
     trained, random = both(capsys, "eval", "linear", "--checkpoint", quickstart, "--train",
                            "procedural", "--val", "procedural", "--image-size", "32",
-                           "--epochs", "10", "--lr", "0.1", "--batch-size", "128",
+                           "--epochs", "5", "--lr", "0.1", "--batch-size", "128",
                            "--n-last-blocks", "1", "--crop-scale", "0.5", "--num-workers", "0")
     with capsys.disabled():
         print(f"\nlinear top-1: trained {trained['top1']:.1f}%, random {random['top1']:.1f}%")
-    # a 10-epoch probe at lr 0.1 (a third of the README's 30 epochs at lr 1.0, same gain):
-    # 49.7% vs 39.2% on 2026-12-03's run, whose 30-epoch probe gave 54.7% vs 44.3% (and
-    # 58.7% vs 43.8% on 2026-12-01's); at lr 1.0, 10 epochs left it unconverged (42.7 / 38.8)
-    assert trained["top1"] >= random["top1"] + 6
+    # a 5-epoch probe at lr 0.1: 56.5% against 33.8% on this run (2026-12-03; 10 epochs:
+    # 54.0% against 39.2%, twice the time)
+    assert trained["top1"] >= random["top1"] + 12
 
 
 @pytest.mark.budget(120)
 def test_best_head_mask_jaccard_of_both_backbones_is_measured(quickstart, capsys):
     """The Jaccard read-out runs on the trained run and on a random backbone and gives one
-    value per head in [0, 1]. Beating the random backbone is not asserted: the same preset's
-    best head measured 0.394 and 0.349 (2026-12-01) but 0.046 under Ray and 0.136 in process
-    (2026-12-03), against 0.099 for the random backbone; a 768-step CPU run's attention
-    settles on the object or on the background (README, "Warm-up end point")."""
+    value per head in [0, 1]. Beating the random backbone is not asserted: this run's best
+    head measured 0.293 against 0.099 (2026-12-03), once; the v1 quickstart's spread from run
+    to run was 0.046-0.394, its attention settling on the object or on the background
+    (README, "Warm-up end point"), and this run's spread is not measured."""
     trained, random = both(capsys, "attention", "--checkpoint", quickstart, "--jaccard", "200")
     t, r = trained["jaccard"], random["jaccard"]
     with capsys.disabled():
