@@ -147,8 +147,15 @@ def test_jobs_call_the_cli_with_valid_overrides(directory):
     assert set(jobs) == {"dino-train", "dino-tune"}
     for name, spec in jobs.items():
         assert spec["clusterSelector"] == {"ray.io/cluster": "dino"}
-        dino, command, flag, preset, *overrides = spec["entrypoint"].split()
-        assert (dino, command, flag) == ("dino", name.removeprefix("dino-"), "--preset")
+        from service.cli.common import parse
+        from service.cli.main import build_parser
+
+        dino, *argv = spec["entrypoint"].split()
+        args = parse(build_parser(), argv)  # the CLI's own parser: flags and overrides
+        assert (dino, args.command) == ("dino", name.removeprefix("dino-"))
+        preset, overrides = args.preset, list(args.overrides)
+        if name == "dino-tune":  # a retried submission continues the sweep it started
+            assert args.resume
         expected = (
             "vit_small_imagenet"
             if name == "dino-train" and "cpu" not in directory

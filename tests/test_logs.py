@@ -60,3 +60,17 @@ def test_the_driver_shows_only_our_worker_lines_unless_verbose():
     assert output_environment(verbose=True, tty=False)["RAY_COLOR_PREFIX"] == "0"
     assert output_environment(verbose=True, tty=True)["RAY_COLOR_PREFIX"] == "1"
     assert "RAY_DEDUP_LOGS_SKIP_REGEX" not in output_environment(verbose=True, tty=True)
+
+
+def test_a_command_leaves_the_environment_as_it_found_it(monkeypatch, capsys):
+    """The quiet settings are for the command's own run: a later command in the same process
+    (a test that runs ``dino -v`` next, a process started afterwards) does not inherit them."""
+    from service.cli.main import main
+
+    monkeypatch.delenv("RAY_DEDUP_LOGS_SKIP_REGEX", raising=False)
+    monkeypatch.setenv("RAY_COLOR_PREFIX", "1")  # the user's own: kept
+    assert main(["config", "--preset", "quickstart"]) == 0
+    import os
+
+    assert "RAY_DEDUP_LOGS_SKIP_REGEX" not in os.environ
+    assert os.environ["RAY_COLOR_PREFIX"] == "1"

@@ -72,10 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(build_parser(), argv)
-    for key, value in output_environment(args.verbose, sys.stdout.isatty()).items():
-        os.environ.setdefault(key, value)  # read at `import ray`; the user's own settings win
+    # read at `import ray` / `import mlflow`; the user's own settings win. Set for this command
+    # only: a later main() in the same process (a test) must not inherit a quiet run's
+    added = {k: v for k, v in output_environment(args.verbose, sys.stdout.isatty()).items()
+             if k not in os.environ}
+    os.environ.update(added)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with errors as one ``dino: ...`` line and an exit code."""
     try:
         return args.fn(args)
     except Exception as err:
