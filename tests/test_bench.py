@@ -103,7 +103,7 @@ def test_step_benchmark_times_named_levers_and_profiles():
     assert row["top"] and row["top"][0]["ms_per_step"] > 0
 
 
-@pytest.mark.budget(30)
+@pytest.mark.budget(60)  # a fresh machine's inductor cache is empty: 35 s measured, 6 s warm
 def test_compiled_vit_keeps_names_and_matches_eager(one_torch_thread):
     torch.manual_seed(0)
     eager = build_backbone("vit_tiny", 8, 16, drop_path_rate=0.0, depth=2)

@@ -79,6 +79,13 @@ def test_loop_runs_in_process_and_a_resumed_run_repeats_the_losses(tmp_path, one
     assert all(url is not None for _, url in ctx.reports)  # an epoch checkpoint each
     assert (tmp_path / "whole" / BACKBONE_FILE).is_file()
 
+    # a finished run started again (its node lost after the last checkpoint, before its
+    # report reached the driver) trains nothing and reports where it ended, without a new
+    # checkpoint: a sweep's record still learns the epochs
+    again, ctx_again, done = _run(tmp_path, "whole")
+    assert done.restored_from is not None and not again.losses()
+    assert ctx_again.reports == [({"epoch": 2, "step": 2 * niter}, None)]
+
     first, _, stopped = _run(tmp_path, "split", f"train.max_steps={niter}")
     assert stopped.restored_from is None and stopped.state.global_step == niter
     saved = ckpt.checkpoint_dirs(str(tmp_path / "split"))

@@ -74,6 +74,9 @@ class Loop:
         s = self.state
         if s.global_step >= s.total_steps:
             self._say(f"[dino] run already complete at step {s.global_step}")
+            # its last report may have been lost with its node after the checkpoint was
+            # written: a sweep's record still learns where the run ended
+            self.report({"epoch": s.epoch, "step": s.global_step}, checkpoint=False)
             self.finish()
             return
         say(f"[dino] worker rank {self.ctx.rank}/{self.ctx.world_size} pid {os.getpid()} "
