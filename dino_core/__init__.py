@@ -36,6 +36,7 @@ _WHERE = {
     "save_backbone": "dino_core.interop.export",
     "teacher_stats": "dino_core.monitors",
     "train_step": "dino_core.step",
+    "train_step_distill": "dino_core.distill.step",
     "train_step_recipe": "dino_core.step_recipe",
 }
 __all__ = [
@@ -64,11 +65,13 @@ __all__ = [
     "save_backbone",
     "teacher_stats",
     "train_step",
+    "train_step_distill",
     "train_step_recipe",
 ]
 
 if TYPE_CHECKING:
     from dino_core.builder import build_networks, ema_parameter_lists
+    from dino_core.distill.step import train_step_distill
     from dino_core.ema import ema_update
     from dino_core.interop.export import load_backbone, save_backbone
     from dino_core.knn import knn_classify

@@ -25,6 +25,8 @@ def ema_update(
             f"teacher has {len(teacher_params)} parameters, student {len(student_params)}"
         )
     teacher, student = list(teacher_params), list(student_params)
+    if not teacher:  # nothing keeps an average (a distilled student without its EMA copy)
+        return
     if gate is None:
         torch._foreach_lerp_(teacher, student, 1.0 - momentum)
         return
