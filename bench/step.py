@@ -48,6 +48,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ from dino_core import (  # noqa: E402
 from dino_core.losses.dino_chunked import chunked_dino_loss  # noqa: E402
 from dino_core.masking import MaskSampler  # noqa: E402
 from dino_core.models import compile_backbone as compile_backbone_  # noqa: E402
-from dino_core.recipe import RecipeLoss  # noqa: E402
+from dino_core.recipe import GramAnchor, RecipeLoss  # noqa: E402
 from dino_core.specs import RecipeSpec  # noqa: E402
 from dino_core.step_recipe import train_step_recipe  # noqa: E402
 
@@ -132,11 +133,28 @@ def sync(device: torch.device) -> None:
 
 
 # the project's step plus levers: ``dino_core+<option>[+<option>...]``
-OPTIONS = ("compile", "cudagraphs", "packed", "packed_sdpa", "chunked", "ckpt", "fp8", "dinov2")
-# the DINOv2 recipe's row (``+dinov2``): iBOT (shared head, weight 1, masks 0.5 / 0.1-0.5 drawn
-# on the host every step, as the loop does) + KoLeo 0.1 + layer decay 0.9 / patch embedding
-# x 0.2, EMA centering: dinov2's ssl_default_config
-DINOV2 = RecipeSpec(ibot_weight=1.0, koleo_weight=0.1, layer_decay=0.9, patch_embed_lr_mult=0.2)
+# the recipe's parts, one option each, at dinov2's ssl_default_config values: iBOT (shared
+# head, weight 1, masks 0.5 / 0.1-0.5 drawn on the host every step, as the loop does), KoLeo
+# 0.1, the lr groups (layer decay 0.9, patch embedding x 0.2), Sinkhorn-Knopp centering (3
+# iterations) and DINOv3's Gram anchoring (weight 2 from the first step, the snapshot taken
+# then and never refreshed); ``+dinov2`` is dinov2's default recipe: iBOT + KoLeo + lr groups
+RECIPE_PARTS: dict[str, dict[str, Any]] = {
+    "ibot": {"ibot_weight": 1.0},
+    "koleo": {"koleo_weight": 0.1},
+    "lrgroups": {"layer_decay": 0.9, "patch_embed_lr_mult": 0.2},
+    "sk": {"centering": "sinkhorn_knopp"},
+    "gram": {"gram_weight": 2.0},
+}
+RECIPE_PARTS["dinov2"] = {**RECIPE_PARTS["ibot"], **RECIPE_PARTS["koleo"],
+                          **RECIPE_PARTS["lrgroups"]}
+OPTIONS = ("compile", "cudagraphs", "packed", "packed_sdpa", "chunked", "ckpt", "fp8",
+           *RECIPE_PARTS)
+
+
+def recipe_of(options: set[str]) -> RecipeSpec | None:
+    """The ``RecipeSpec`` of the recipe parts among ``options``; None for none."""
+    parts = [RECIPE_PARTS[o] for o in sorted(options) if o in RECIPE_PARTS]
+    return RecipeSpec(**{k: v for part in parts for k, v in part.items()}) if parts else None
 
 
 class ProjectStep:
@@ -173,21 +191,26 @@ class ProjectStep:
             compile_backbone_(student.backbone, mode)
             compile_backbone_(teacher.backbone, mode)
         self.recipe: RecipeLoss | None = None
+        self.gram: GramAnchor | None = None
         self.loss_fn = DINOLoss(out_dim).to(device)
         amp = torch.bfloat16 if device.type == "cuda" else None
         self.cfg = StepConfig(autocast_dtype=amp, defer_nonfinite_check=True,
                               fused_head_loss="chunked" in options)
-        decay = {}
-        if "dinov2" in options:  # the mask token the builder adds with iBOT, zeros as dinov2's
+        self.spec = spec = recipe_of(set(options))
+        self.masks: MaskSampler | None = None  # made at the first step: the grid
+        self.n_steps = 0
+        if spec is not None and spec.masked:  # the builder's mask token, zeros as dinov2's
             for m in (student, teacher):
                 m.mask_token = torch.nn.Parameter(torch.zeros(1, student.backbone.embed_dim,
                                                               device=device))
             teacher.mask_token.requires_grad = False
-            self.recipe = RecipeLoss(self.loss_fn, DINOV2,
+        if spec is not None and spec.active:
+            self.recipe = RecipeLoss(self.loss_fn, spec,
                                      fused_head_loss=self.cfg.fused_head_loss).to(device)
-            self.masks: MaskSampler | None = None  # made at the first step: the grid
-            decay = {"layer_decay": DINOV2.layer_decay,
-                     "patch_embed_lr_mult": DINOV2.patch_embed_lr_mult}
+        if spec is not None and spec.gram_weight > 0:
+            self.gram = GramAnchor(teacher.backbone, spec).to(device)
+        decay = {} if spec is None else {"layer_decay": spec.layer_decay,
+                                         "patch_embed_lr_mult": spec.patch_embed_lr_mult}
         self.student, self.teacher = student, teacher
         self.optimizer = build_optimizer(student, fused=True, **decay)
         self.ema = ema_parameter_lists(teacher, student)
@@ -208,15 +231,20 @@ class ProjectStep:
         return loss, teacher_out
 
     def __call__(self, crops: list[torch.Tensor]) -> None:
-        if self.recipe is not None:
-            if self.masks is None:
-                side = crops[0].shape[-1] // self.student.backbone.patch_embed.patch_size[0]
-                self.masks = MaskSampler((side, side), 0, DINOV2.mask_probability,
-                                         DINOV2.mask_ratio)
+        if self.recipe is not None and self.spec is not None:
+            side = crops[0].shape[-1] // self.student.backbone.patch_embed.patch_size[0]
+            n = 2 * crops[0].shape[0]
+            if self.spec.masked and self.masks is None:
+                self.masks = MaskSampler((side, side), 0, self.spec.mask_probability,
+                                         self.spec.mask_ratio)
+            masks = (self.masks(n) if self.masks is not None
+                     else torch.zeros(n, side * side, dtype=torch.bool))
+            # the step counts for the Gram snapshot (taken at the first, never refreshed)
             train_step_recipe(student=self.student, teacher=self.teacher, losses=self.recipe,
-                              optimizer=self.optimizer, crops=crops,
-                              masks=self.masks(2 * crops[0].shape[0]), values=VALUES, step=0,
-                              freeze_last_layer=False, ema_params=self.ema, cfg=self.cfg)
+                              optimizer=self.optimizer, crops=crops, masks=masks,
+                              values=VALUES, step=self.n_steps, freeze_last_layer=False,
+                              ema_params=self.ema, cfg=self.cfg, gram=self.gram)
+            self.n_steps += 1
             return
         train_step(student=self.student, teacher=self.teacher, loss_fn=self.loss_fn,
                    optimizer=self.optimizer, crops=crops, values=VALUES, step=0,
