@@ -14,11 +14,17 @@ from typing import Any
 
 from torch import nn
 
+from dino_core.interop.export import load_backbone as load_backbone_file
 from dino_core.interop.reference import build_from_meta, read_reference
 from dino_core.interop.reference_keys import head_meta
 from dino_core.models import DINOHead, embed_dim_of
 from service.errors import ConfigError
-from service.models.backbones import checkpoint_backbone, fetch_file, load_backbone
+from service.models.backbones import (
+    checkpoint_backbone,
+    fetch_file,
+    load_backbone,
+    safetensors_metadata,
+)
 from service.storage import checkpoints as ckpt
 
 SETTING = "train.distill.teacher"
@@ -33,10 +39,16 @@ def read_teacher(uri: str, with_head: bool = False) -> tuple[nn.Module, nn.Modul
             backbone file), naming the setting and what to give instead.
         FileNotFoundError, CheckpointError, ValueError: the readers' own, naming ``uri``.
     """
+    if uri.endswith(".safetensors"):
+        if with_head:
+            raise _no_head(uri, "an exported backbone file")
+        local = fetch_file(uri)
+        safetensors_metadata(local, uri)  # a damaged file: one line naming it
+        # not load_backbone: the run settings an evaluation takes from the file mean
+        # nothing to a teacher (and their absence is no warning)
+        return load_backbone_file(local).eval(), None
     if not with_head:
         return load_backbone(uri)[0], None
-    if uri.endswith(".safetensors"):
-        raise _no_head(uri, "an exported backbone file")
     if uri.endswith(".pth"):
         ref = read_reference(fetch_file(uri))
         backbone = build_from_meta(ref.meta)

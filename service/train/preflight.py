@@ -1,6 +1,7 @@
 """Checks of a run that need no cluster, made before Ray starts: the storage root answers, its
 bucket exists and it can be written, the data is there and mostly readable, ``train.resume``
-is a checkpoint, and a run name that is reused has checkpoints of the same model. Each
+is a checkpoint, a run name that is reused has checkpoints of the same model, and a
+distillation teacher reads and fits. Each
 failure is one error naming the input."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from service import data, storage
 from service.config import DataSource, DinoConfig, ProceduralSource, network_spec, validate
 from service.errors import CheckpointError, ConfigError, DataError
 from service.storage import checkpoints as ckpt
+from service.train import distill
 from service.train.init_from import check_init_from
 
 log = logging.getLogger(__name__)
@@ -98,6 +100,7 @@ def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
 def preflight(cfg: DinoConfig, run_url: str) -> None:
     """Everything about ``cfg`` that can be wrong without a cluster (``cfg`` resolved)."""
     check_storage(cfg.storage.root, cfg.storage.create_bucket)
+    distill.check(cfg)  # the teacher is given, reads and fits the student
     if cfg.data.loader == "ray_data" and not data.batched(cfg):
         raise ConfigError("data.loader=ray_data decodes to canvases for the batched "
                           "augmentation: it needs aug.backend=auto or batched, not per_image")
