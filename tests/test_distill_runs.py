@@ -1,0 +1,168 @@
+"""Distillation through the service (issue 24), in process (``InProcessContext``), no Ray: a
+tiny teacher (a random ViT saved as our exported file, or a tiny DINO run's folder with its
+head) teaches a student of another patch size through the real loop; the teacher's weights
+never move and are not in the checkpoints (their URI and SHA-256 are); a run stopped
+mid-epoch and resumed repeats an uninterrupted run's losses; a teacher whose weights changed
+stops the resume, naming both hashes; a missing teacher stops `dino train` before Ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_train_loop import TINY, _run
+
+from dino_core.distill import FrozenTeacher, parameter_sha256
+from dino_core.interop.export import load_backbone, save_backbone
+from dino_core.models import build_backbone
+from service.cli.main import main
+from service.config import load_config
+from service.errors import CheckpointError, ConfigError
+from service.evaluate import load_backbone as load_any_backbone
+from service.storage import checkpoints as ckpt
+from service.train import driver
+
+# the student: TINY's ViT-Tiny/8, one block, on 16 px global crops (a 2 x 2 grid)
+FAST = ["optim.lr=0.05"]  # x 8 / 256: a 1.6e-3 peak, for a loss that falls within 12 steps
+
+
+def _teacher_file(path: Path, seed: int = 5) -> Path:
+    """A random one-block ViT-Tiny/4 (a 4 x 4 grid at 16 px) as ``dino export`` writes it."""
+    torch.manual_seed(seed)
+    net = build_backbone("vit_tiny", 4, 16, depth=1)
+    return save_backbone(path, net.state_dict(),
+                         {"arch": "vit_tiny", "patch_size": 4, "depth": 1, "img_size": 16})
+
+
+def _file_sha(path: Path) -> str:
+    return parameter_sha256(FrozenTeacher(load_backbone(path)))
+
+
+def _distill(root: Path, name: str, teacher: Path | str, *more: str):
+    return _run(root, name, *FAST, f"train.distill.teacher={teacher}", *more)
+
+
+def test_a_student_learns_from_a_teacher_file_that_never_moves(tmp_path, one_torch_thread):
+    teacher = _teacher_file(tmp_path / "teacher.safetensors")
+    before = _file_sha(teacher)
+    tracker, _, loop = _distill(tmp_path, "d", teacher, "eval.knn_every_epochs=2",
+                                "eval.image_size=16", "eval.procedural_train_size=48",
+                                "eval.procedural_val_size=24")
+    s = loop.state
+    losses = tracker.losses()
+    assert any("knn_top1" in m for _, m in tracker.metrics)  # k-NN of the EMA copy
+    assert sorted(losses) == list(range(1, 13))
+    assert sum(list(losses.values())[-3:]) / 3 < 0.5 * losses[1], losses  # it learns
+    assert {"loss_feat_cls", "loss_feat_patch"} <= set(tracker.metrics[0][1])
+    # the teacher: never in the optimizer, unchanged in memory and on disk
+    in_optimizer = {id(p) for g in s.optimizer.param_groups for p in g["params"]}
+    assert not in_optimizer & {id(p) for p in s.distill.teacher.parameters()}
+    assert s.distill.teacher.sha256() == before == _file_sha(teacher) == s.distill.sha256
+
+    # the checkpoint: the student and its EMA copy, the teacher's URI and hash, not its weights
+    _, state = ckpt.load(str(tmp_path / "d"))
+    assert state["distill"]["teacher_sha256"] == before
+    assert state["distill"]["teacher_uri"] == str(teacher)
+    assert set(state["teacher"]) == set(state["student"])  # the EMA copy of the student
+    assert any(k.startswith("cls_proj.") for k in state["student"])
+    teacher_shapes = {tuple(v.shape) for v in load_backbone(teacher).state_dict().values()}
+    assert ("backbone.patch_embed.proj.weight" in state["student"]
+            and tuple(state["student"]["backbone.patch_embed.proj.weight"].shape)
+            not in teacher_shapes)  # the student's patch 8, not the teacher's 4
+
+    # what a DINO run gives, unchanged: the exported backbone is the EMA copy's, and the
+    # evaluations read the run folder's student backbone
+    exported = load_backbone(tmp_path / "d" / "teacher_backbone.safetensors")
+    assert exported.patch_embed.patch_size == (8, 8)
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, s.teacher.backbone.state_dict()[k].cpu()), k
+    model, cfg = load_any_backbone(str(tmp_path / "d"))
+    assert cfg.train.distill.teacher == str(teacher) and model.patch_embed.patch_size == (8, 8)
+
+
+@pytest.mark.budget(15)  # 5.4 s measured: a ResNet-50 on a quiet 2-core machine
+def test_a_resnet_student_learns_from_a_vit_teacher(tmp_path, one_torch_thread):
+    """Any ``model.arch`` is a student: a ResNet-50's 1 x 1 map at 16 px against the
+    teacher's 4 x 4 grid; what it exports is a ResNet-50."""
+    teacher = _teacher_file(tmp_path / "teacher.safetensors")
+    tracker, _, loop = _distill(tmp_path, "r", teacher, "model.arch=resnet50",
+                                "model.use_bn_in_head=true", "train.max_steps=2")
+    assert sorted(tracker.losses()) == [1, 2] and loop.state.distill.sha256 == _file_sha(teacher)
+    exported = load_backbone(tmp_path / "r" / "teacher_backbone.safetensors")
+    assert type(exported).__name__ == "ResNet"
+
+
+@pytest.fixture(scope="module")
+def dino_teacher(tmp_path_factory) -> Path:
+    """A tiny DINO run's folder (one epoch of TINY: ViT-Tiny/8 with a 64-prototype head)."""
+    root = tmp_path_factory.mktemp("dino-teacher")
+    torch.set_num_threads(1)
+    _run(root, "teacher", "train.epochs=1")
+    return root / "teacher"
+
+
+def test_a_run_stopped_mid_epoch_resumes_with_the_same_losses(tmp_path, dino_teacher,
+                                                              one_torch_thread):
+    """DINO and feature distillation together (the DINO center is in the checkpoint); a
+    patch-4 student of the patch-8 teacher; stopped at step 9 of 12, in its second epoch."""
+    both = ["train.distill.objective=both", "model.patch_size=4",
+            "train.distill.projector_hidden_dim=32"]
+    whole, _, loop = _distill(tmp_path, "whole", dino_teacher, *both)
+    assert {"loss_dino", "loss_feat_cls", "loss_feat_patch", "teacher_entropy"} <= set(
+        whole.metrics[0][1])
+    assert loop.state.distill.teacher.head is not None
+    first, _, stopped = _distill(tmp_path, "split", dino_teacher, *both, "train.max_steps=9")
+    assert stopped.state.global_step == 9 and stopped.state.batch_in_epoch == 3
+    second, _, resumed = _distill(tmp_path, "split", dino_teacher, *both)
+    assert resumed.restored_from is not None and resumed.state.global_step == 12
+    assert sorted(second.losses()) == [10, 11, 12]
+    assert {**first.losses(), **second.losses()} == whole.losses()  # bit for bit
+
+
+def test_resuming_with_a_changed_teacher_fails_naming_both_hashes(tmp_path, one_torch_thread):
+    teacher = _teacher_file(tmp_path / "teacher.safetensors", seed=5)
+    old = _file_sha(teacher)
+    _distill(tmp_path, "r", teacher, "train.max_steps=3")
+    _teacher_file(teacher, seed=6)  # the same file, other weights
+    new = _file_sha(teacher)
+    assert new != old
+    with pytest.raises(CheckpointError) as err:
+        _distill(tmp_path, "r", teacher)
+    msg = str(err.value)
+    assert f"train.distill.teacher={teacher}" in msg and old in msg and new in msg, msg
+
+
+def test_the_teacher_settings_are_checked_before_training(tmp_path, monkeypatch, capsys):
+    """`dino train` stops with one line naming train.distill.teacher, Ray never started: a
+    missing file, a distillation preset without a teacher, a DINO objective with a teacher
+    file that holds no head; the schema names the settings distillation does not use."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(driver, "init_ray", refuse)
+
+    def dino(*args: str) -> tuple[int, list[str]]:
+        capsys.readouterr()
+        rc = main(["train", *args, f"storage.root={tmp_path / 'runs'}"])
+        return rc, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+    missing = tmp_path / "nope.safetensors"
+    rc, err = dino("--preset", "distill_quickstart", f"train.distill.teacher={missing}")
+    assert rc == 1 and len(err) == 1, err
+    assert "CheckpointError: train.distill.teacher: no file" in err[0] and str(missing) in err[0]
+    rc, err = dino("--preset", "distill_vits_from_vitb", "data.path=procedural")
+    assert rc == 2 and len(err) == 1 and "set train.distill.teacher=" in err[0], err
+    teacher = _teacher_file(tmp_path / "teacher.safetensors")
+    rc, err = dino("--preset", "distill_quickstart", f"train.distill.teacher={teacher}",
+                   "train.distill.objective=dino")
+    assert rc == 2 and len(err) == 1 and "DINO head" in err[0] and "run folder" in err[0], err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("state.pt"))
+
+    with pytest.raises(ConfigError, match="loss.ibot_weight=1.0 with train.distill.teacher"):
+        load_config(None, None, [*TINY, f"train.distill.teacher={teacher}",
+                                 "loss.ibot_weight=1.0"])
+    with pytest.raises(ConfigError, match="train.distill.cls_weight=0"):
+        load_config(None, None, ["train.distill.cls_weight=0", "train.distill.patch_weight=0"])
