@@ -16,13 +16,16 @@ from test_train_loop import TINY, _run
 
 from dino_core.distill import FrozenTeacher, parameter_sha256
 from dino_core.interop.export import load_backbone, save_backbone
+from dino_core.interop.reference import read_reference
 from dino_core.models import build_backbone
 from service.cli.main import main
 from service.config import load_config
 from service.errors import CheckpointError, ConfigError
 from service.evaluate import load_backbone as load_any_backbone
+from service.evaluate.reference_export import export_reference
 from service.storage import checkpoints as ckpt
 from service.train import driver
+from service.train.preflight import preflight
 
 # the student: TINY's ViT-Tiny/8, one block, on 16 px global crops (a 2 x 2 grid)
 FAST = ["optim.lr=0.05"]  # x 8 / 256: a 1.6e-3 peak, for a loss that falls within 12 steps
@@ -80,6 +83,8 @@ def test_a_student_learns_from_a_teacher_file_that_never_moves(tmp_path, one_tor
         assert torch.equal(v, s.teacher.backbone.state_dict()[k].cpu()), k
     model, cfg = load_any_backbone(str(tmp_path / "d"))
     assert cfg.train.distill.teacher == str(teacher) and model.patch_embed.patch_size == (8, 8)
+    out = export_reference(str(tmp_path / "d"), str(tmp_path / "ref.pth"))  # backbone alone
+    assert read_reference(out).kind == "backbone"
 
 
 @pytest.mark.budget(15)  # 5.4 s measured: a ResNet-50 on a quiet 2-core machine
@@ -132,6 +137,15 @@ def test_resuming_with_a_changed_teacher_fails_naming_both_hashes(tmp_path, one_
         _distill(tmp_path, "r", teacher)
     msg = str(err.value)
     assert f"train.distill.teacher={teacher}" in msg and old in msg and new in msg, msg
+    # settings that change the student's modules are refused before Ray, naming them
+    for more, named in (([f"train.distill.teacher={teacher}",
+                          "train.distill.projector_hidden_dim=32"],
+                         "train.distill.projector_hidden_dim: 0 there, 32 here"),
+                        ([f"train.distill.teacher={teacher}", "train.distill.cls_weight=0"],
+                         "train.distill.cls_weight"), ([], "train.distill.teacher: set there")):
+        cfg = load_config(None, None, [*TINY, f"storage.root={tmp_path}", "run_name=r", *more])
+        with pytest.raises(ConfigError, match=named):
+            preflight(cfg, str(tmp_path / "r"))
 
 
 def test_the_teacher_settings_are_checked_before_training(tmp_path, monkeypatch, capsys):

@@ -85,7 +85,19 @@ def _model_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
         if getattr(a, key) != getattr(b, key):
             name = "aug.global_size" if key == "img_size" else f"model.{key}"
             out.append(f"{name}: {getattr(a, key)} there, {getattr(b, key)} here")
-    return out
+    return out + _student_differences(saved, cfg)
+
+
+def _student_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
+    """The distillation settings that fix the student's modules (its projectors, its head)."""
+    a, b = saved.train.distill, cfg.train.distill
+    pairs = [("train.distill.teacher", "set" if a.on else "empty", "set" if b.on else "empty")]
+    if a.on and b.on:
+        pairs += [(f"train.distill.{k}", getattr(a, k), getattr(b, k))
+                  for k in ("objective", "projector_hidden_dim")]
+        pairs += [(f"train.distill.{k}", f"{getattr(a, k):g}", f"{getattr(b, k):g}")
+                  for k in ("cls_weight", "patch_weight") if (getattr(a, k) > 0) != (getattr(b, k) > 0)]
+    return [f"{name}: {x} there, {y} here" for name, x, y in pairs if x != y]
 
 
 def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
