@@ -157,6 +157,8 @@ class TrainState:
         if switch(self.cfg.train.compile, self.device):
             compile_backbone(self.student.backbone)
             compile_backbone(self.teacher.backbone)
+            if self.distill is not None:  # the frozen teacher: most of a step's FLOPs when large
+                compile_backbone(self.distill.teacher.backbone)
 
     def state_dict(self) -> dict[str, Any]:
         return {
