@@ -23,6 +23,7 @@ from service.config import load_config
 from service.errors import CheckpointError, ConfigError
 from service.evaluate import load_backbone as load_any_backbone
 from service.evaluate.reference_export import export_reference
+from service.models.teacher import read_teacher
 from service.storage import checkpoints as ckpt
 from service.train import driver
 from service.train.preflight import preflight
@@ -47,7 +48,8 @@ def _distill(root: Path, name: str, teacher: Path | str, *more: str):
     return _run(root, name, *FAST, f"train.distill.teacher={teacher}", *more)
 
 
-def test_a_student_learns_from_a_teacher_file_that_never_moves(tmp_path, one_torch_thread):
+def test_a_student_learns_from_a_teacher_file_that_never_moves(tmp_path, capfd,
+                                                                one_torch_thread):
     teacher = _teacher_file(tmp_path / "teacher.safetensors")
     before = _file_sha(teacher)
     tracker, _, loop = _distill(tmp_path, "d", teacher, "eval.knn_every_epochs=2",
@@ -56,6 +58,7 @@ def test_a_student_learns_from_a_teacher_file_that_never_moves(tmp_path, one_tor
     s = loop.state
     losses = tracker.losses()
     assert any("knn_top1" in m for _, m in tracker.metrics)  # k-NN of the EMA copy
+    assert f"[dino] distilling from {teacher} (SHA-256 {before})" in capfd.readouterr().out
     assert sorted(losses) == list(range(1, 13))
     assert sum(list(losses.values())[-3:]) / 3 < 0.5 * losses[1], losses  # it learns
     assert {"loss_feat_cls", "loss_feat_patch"} <= set(tracker.metrics[0][1])
@@ -180,3 +183,23 @@ def test_the_teacher_settings_are_checked_before_training(tmp_path, monkeypatch,
                                  "loss.ibot_weight=1.0"])
     with pytest.raises(ConfigError, match="train.distill.cls_weight=0"):
         load_config(None, None, ["train.distill.cls_weight=0", "train.distill.patch_weight=0"])
+
+
+def test_teachers_of_every_kind_read_with_their_heads(tmp_path, dino_teacher, one_torch_thread):
+    """A run folder and main_dino's checkpoint.pth give the backbone and the DINO head (of
+    the checkpoint's K, the same weights); an exported or released backbone file gives the
+    backbone, and asked for a head, an error naming the setting and what to give."""
+    folder_backbone, folder_head = read_teacher(str(dino_teacher), with_head=True)
+    assert folder_head is not None and folder_head.last_layer.weight.shape[0] == 64
+    ref = export_reference(str(dino_teacher), str(tmp_path / "checkpoint.pth"))
+    ref_backbone, ref_head = read_teacher(ref, with_head=True)
+    assert parameter_sha256(ref_head) == parameter_sha256(folder_head)
+    ours, theirs = folder_backbone.state_dict(), ref_backbone.state_dict()
+    assert set(ours) == set(theirs)  # the position table: resampled to 224 px by the export
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours if k != "pos_embed")
+    exported = str(dino_teacher / "teacher_backbone.safetensors")
+    assert read_teacher(exported)[1] is None
+    released = export_reference(exported, str(tmp_path / "backbone.pth"))
+    for path in (exported, released):
+        with pytest.raises(ConfigError, match="train.distill.teacher=.*needs the teacher's DINO head"):
+            read_teacher(path, with_head=True)

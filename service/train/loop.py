@@ -58,6 +58,9 @@ class Loop:
         self.restored_from = s.restore(run_url, ctx)
         if cfg.train.init_from and self.restored_from is None:  # resume wins over init_from
             self._say(apply_init_from(cfg.train.init_from, s.student, s.teacher, s.loss_fn))
+        if s.distill is not None:  # which weights taught this run, in its log and tracker
+            self._say(f"[dino] distilling from {s.distill.uri} (SHA-256 {s.distill.sha256})")
+            tracker.set_tag("distill_teacher_sha256", s.distill.sha256)
         s.compile()
         self.model = ctx.wrap_model(s.student)  # only after restoring into the plain module
         self.cadence = Cadence(cfg, niter)
