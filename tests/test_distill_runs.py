@@ -130,6 +130,7 @@ def test_a_run_stopped_mid_epoch_resumes_with_the_same_losses(tmp_path, dino_tea
 
 
 def test_resuming_with_a_changed_teacher_fails_naming_both_hashes(tmp_path, one_torch_thread):
+    """In the loop (the resumed state) and in the checks before Ray (the manifest)."""
     teacher = _teacher_file(tmp_path / "teacher.safetensors", seed=5)
     old = _file_sha(teacher)
     _distill(tmp_path, "r", teacher, "train.max_steps=3")
@@ -140,6 +141,12 @@ def test_resuming_with_a_changed_teacher_fails_naming_both_hashes(tmp_path, one_
         _distill(tmp_path, "r", teacher)
     msg = str(err.value)
     assert f"train.distill.teacher={teacher}" in msg and old in msg and new in msg, msg
+    # and before Ray, from the checkpoint's manifest (a worker group would fail each restart)
+    cfg = load_config(None, None, [*TINY, f"storage.root={tmp_path}", "run_name=r",
+                                   f"train.distill.teacher={teacher}"])
+    with pytest.raises(CheckpointError) as err:
+        preflight(cfg, str(tmp_path / "r"))
+    assert old in str(err.value) and new in str(err.value), err.value
     # settings that change the student's modules are refused before Ray, naming them
     for more, named in (([f"train.distill.teacher={teacher}",
                           "train.distill.projector_hidden_dim=32"],

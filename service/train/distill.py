@@ -61,15 +61,20 @@ class Distillation:
             raise CheckpointError(f"{where} is a DINO run's checkpoint, not a distillation "
                                   f"run's; resume it without {SETTING}, or start a new run "
                                   "with another run_name")
-        if saved["teacher_sha256"] != self.sha256:
-            raise CheckpointError(
-                f"{SETTING}={self.uri}: its weights have SHA-256 {self.sha256}, but {where} "
-                f"was trained with the teacher {saved['teacher_uri']} of SHA-256 "
-                f"{saved['teacher_sha256']}; give that teacher again to resume, or another "
-                "run_name to start a new run")
+        check_unchanged(self.uri, self.sha256, saved, where)
         dino = self.objective.dino
         if dino is not None and saved.get("center") is not None:
             dino.center.copy_(saved["center"].to(dino.center.device))
+
+
+def check_unchanged(uri: str, sha256: str, saved: dict[str, Any], where: str) -> None:
+    """Raises a CheckpointError naming ``uri`` and both hashes when the teacher's weights
+    (``sha256``) are not those the checkpoint ``where`` was trained with (``saved``)."""
+    if saved["teacher_sha256"] != sha256:
+        raise CheckpointError(
+            f"{SETTING}={uri}: its weights have SHA-256 {sha256}, but {where} was trained "
+            f"with the teacher {saved['teacher_uri']} of SHA-256 {saved['teacher_sha256']}; "
+            "give that teacher again to resume, or another run_name to start a new run")
 
 
 def student_head(cfg: DinoConfig, in_dim: int, out_dim: int) -> DINOHead:
@@ -137,13 +142,14 @@ def build(cfg: DinoConfig, device: torch.device,
                                       d.teacher, sha)
 
 
-def check(cfg: DinoConfig) -> None:
+def check(cfg: DinoConfig) -> str | None:
     """Preflight: the teacher is given (when required), exists, reads as a backbone (and a
     DINO head, when asked) and fits the student's settings; each failure names
-    ``train.distill.teacher``. Reads the whole file once, as the workers will."""
+    ``train.distill.teacher``. Reads the whole file once, as the workers will; returns the
+    SHA-256 of its weights (None: no distillation)."""
     d = cfg.train.distill
     if not d.on:
-        return
+        return None
     if d.teacher.endswith(FILES):
         if not storage.exists(d.teacher):
             raise CheckpointError(f"{SETTING}: no file {d.teacher}")
@@ -153,8 +159,18 @@ def check(cfg: DinoConfig) -> None:
         except CheckpointError as err:
             raise CheckpointError(f"{SETTING}: {err}") from None
     try:
-        load(cfg)
+        backbone, head = load(cfg)
     except (ConfigError, CheckpointError):
         raise
     except (ValueError, RuntimeError, KeyError, OSError) as err:  # the readers' name the file
         raise CheckpointError(f"{SETTING}={d.teacher}: {err}") from None
+    return FrozenTeacher(backbone, head).sha256()
+
+
+def check_resumed(cfg: DinoConfig, sha256: str | None, checkpoint: str) -> None:
+    """Preflight of a resume: the teacher's weights are those the checkpoint (its manifest)
+    was trained with, so a changed teacher stops the run before Ray, not in every restarted
+    worker group."""
+    saved = ckpt.read_manifest(checkpoint).get("distill")
+    if sha256 is not None and saved:
+        check_unchanged(cfg.train.distill.teacher, sha256, saved, checkpoint)

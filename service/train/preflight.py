@@ -112,7 +112,7 @@ def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
 def preflight(cfg: DinoConfig, run_url: str) -> None:
     """Everything about ``cfg`` that can be wrong without a cluster (``cfg`` resolved)."""
     check_storage(cfg.storage.root, cfg.storage.create_bucket)
-    distill.check(cfg)  # the teacher is given, reads and fits the student
+    teacher_sha = distill.check(cfg)  # the teacher is given, reads and fits the student
     if cfg.data.loader == "ray_data" and not data.batched(cfg):
         raise ConfigError("data.loader=ray_data decodes to canvases for the batched "
                           "augmentation: it needs aug.backend=auto or batched, not per_image")
@@ -131,6 +131,7 @@ def preflight(cfg: DinoConfig, run_url: str) -> None:
         check_images(cfg.eval.train_path, cfg.eval.train_source, cfg, "eval.train_path")
         check_images(cfg.eval.val_path, cfg.eval.val_source, cfg, "eval.val_path")
     existing = ckpt.committed(run_url)  # reads each manifest's presence, not the state
+    resume = existing[-1] if existing else None
     if existing:
         check_same_model(existing[-1], cfg, f"run {cfg.run_name!r}: its checkpoint")
     elif cfg.train.resume:
@@ -139,5 +140,7 @@ def preflight(cfg: DinoConfig, run_url: str) -> None:
         except CheckpointError as err:
             raise CheckpointError(f"train.resume: {err}") from None
         check_same_model(resume, cfg, "train.resume:")
+    if resume is not None:
+        distill.check_resumed(cfg, teacher_sha, resume)
     if cfg.train.init_from:
         check_init_from(cfg.train.init_from)
