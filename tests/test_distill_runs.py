@@ -8,6 +8,7 @@ stops the resume, naming both hashes; a missing teacher stops `dino train` befor
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,73 @@ def test_teachers_of_every_kind_read_with_their_heads(tmp_path, dino_teacher, on
     for path in (exported, released):
         with pytest.raises(ConfigError, match="train.distill.teacher=.*needs the teacher's DINO head"):
             read_teacher(path, with_head=True)
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, overrides: list[str],
+                crops: list[torch.Tensor], out_dir: str) -> None:
+    """Two steps of the service's distillation pieces (``service.train.distill.build``) on
+    this rank's slice of a fixed global batch, the student wrapped in DDP as
+    ``ray.train.torch.prepare_model`` wraps it (a parameter without a gradient would fail
+    DDP's second step)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dino_core.builder import ema_parameter_lists
+    from dino_core.distill import train_step_distill
+    from dino_core.losses.dino import identity
+    from dino_core.optim import build_optimizer
+    from dino_core.step import StepConfig
+    from service.train import distill
+    from service.train.collectives import all_reduce_mean
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        cfg = load_config(None, None, overrides)
+        student, ema, d = distill.build(cfg, torch.device("cpu"), world)
+        per = crops[0].shape[0] // world
+        model = DistributedDataParallel(student) if world > 1 else student
+        optimizer, losses = build_optimizer(student), []
+        step_cfg = StepConfig(all_reduce_mean=all_reduce_mean if world > 1 else identity)
+        for step in range(2):
+            out = train_step_distill(
+                student=model, teacher=d.teacher, objective=d.objective, optimizer=optimizer,
+                crops=[c[rank * per:(rank + 1) * per] for c in crops], values={
+                    "lr": 1e-3, "weight_decay": 0.04, "momentum": 0.9, "teacher_temp": 0.04},
+                step=step, cfg=step_cfg, ema_params=ema_parameter_lists(ema, student),
+                clip_module=student)
+            losses.append(out.loss)
+            if step == 0:
+                center = d.objective.dino.center.clone()
+        torch.save({"losses": losses, "center": center, "student": student.state_dict()},
+                   os.path.join(out_dir, f"w{world}-r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.budget(45)  # 26 s measured at load average ~6: two spawned processes import torch
+def test_two_ranks_distil_as_one_rank_over_the_whole_batch(tmp_path, dino_teacher):
+    """DDP over 2 gloo ranks: every rank holds the same student after two steps, the
+    first step's loss and DINO center equal one rank's over the whole batch."""
+    import torch.multiprocessing as mp
+
+    overrides = [*TINY, "model.drop_path_rate=0", "model.patch_size=4",
+                 f"train.distill.teacher={dino_teacher}", "train.distill.objective=both"]
+    g = torch.Generator().manual_seed(1)
+    crops = ([torch.randn(8, 3, 16, 16, generator=g) for _ in range(2)]
+             + [torch.randn(8, 3, 8, 8, generator=g) for _ in range(2)])
+    threads = torch.get_num_threads()
+    try:  # one rank here (a spawned process costs seconds of imports)
+        _ddp_worker(0, 1, str(tmp_path / "init1"), overrides, crops, str(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init2"), overrides, crops, str(tmp_path)),
+             nprocs=2)
+    one = torch.load(tmp_path / "w1-r0.pt")
+    two = [torch.load(tmp_path / f"w2-r{r}.pt") for r in range(2)]
+    for k, v in two[0]["student"].items():
+        assert torch.equal(v, two[1]["student"][k]), k
+    for r in two:
+        assert r["losses"][0] == pytest.approx(one["losses"][0], abs=1e-5)
+        assert torch.allclose(r["center"], one["center"], atol=1e-6)
