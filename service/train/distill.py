@@ -138,8 +138,8 @@ def build(cfg: DinoConfig, device: torch.device,
         net, None if d.objective == "dino" else frozen.embed_dim, d.projector_hidden_dim,
         head=student_head(cfg, dim, cfg.model.out_dim) if d.with_dino else None,
         project_cls=d.cls_weight > 0, project_patches=d.patch_weight > 0)
-    return student, ema_copy(student), Distillation(frozen.to(device), objective(cfg, world).to(device),
-                                      d.teacher, sha)
+    parts = Distillation(frozen.to(device), objective(cfg, world).to(device), d.teacher, sha)
+    return student, ema_copy(student), parts
 
 
 def check(cfg: DinoConfig) -> str | None:

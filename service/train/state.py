@@ -167,6 +167,8 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(),
             "center": self.loss_fn.center.detach().cpu(),
             **self.recipe_state(),
+            # distillation: the frozen teacher's URI and hash (not its weights), the center
+            **({"distill": self.distill.state_dict()} if self.distill is not None else {}),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -196,8 +198,6 @@ class TrainState:
             out["masks"] = self.mask_sampler.state_dict()
         if self.gram is not None:
             out["gram_teacher"] = self.gram.backbone.state_dict()
-        if self.distill is not None:  # the frozen teacher's URI and hash, not its weights
-            out["distill"] = self.distill.state_dict()
         return out
 
     def load_state_dict(self, s: dict[str, Any], where: str = "the checkpoint") -> None:
