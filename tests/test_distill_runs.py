@@ -256,7 +256,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, overrides: list[str],
         dist.destroy_process_group()
 
 
-@pytest.mark.budget(45)  # 26 s measured at load average ~6: two spawned processes import torch
+@pytest.mark.budget(45)  # 5.6 s measured, 26 s at load average ~6 (two spawned processes import torch)
 def test_two_ranks_distil_as_one_rank_over_the_whole_batch(tmp_path, dino_teacher):
     """DDP over 2 gloo ranks: every rank holds the same student after two steps, the
     first step's loss and DINO center equal one rank's over the whole batch."""
