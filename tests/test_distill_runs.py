@@ -20,7 +20,7 @@ from dino_core.interop.export import load_backbone, save_backbone
 from dino_core.interop.reference import read_reference
 from dino_core.models import build_backbone
 from service.cli.main import main
-from service.config import load_config
+from service.config import load_config, resolve_paths
 from service.errors import CheckpointError, ConfigError
 from service.evaluate import load_backbone as load_any_backbone
 from service.evaluate.reference_export import export_reference
@@ -186,6 +186,9 @@ def test_the_teacher_settings_are_checked_before_training(tmp_path, monkeypatch,
     assert rc == 2 and len(err) == 1 and "DINO head" in err[0] and "run folder" in err[0], err
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("state.pt"))
 
+    quick = resolve_paths(load_config("distill_quickstart"))  # Ray workers run elsewhere
+    assert quick.train.distill.teacher == str(
+        Path("runs/quickstart/teacher_backbone.safetensors").resolve())
     with pytest.raises(ConfigError, match="loss.ibot_weight=1.0 with train.distill.teacher"):
         load_config(None, None, [*TINY, f"train.distill.teacher={teacher}",
                                  "loss.ibot_weight=1.0"])
