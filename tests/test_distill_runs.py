@@ -107,8 +107,12 @@ def test_a_resnet_student_learns_from_a_vit_teacher(tmp_path, one_torch_thread):
 def dino_teacher(tmp_path_factory) -> Path:
     """A tiny DINO run's folder (one epoch of TINY: ViT-Tiny/8 with a 64-prototype head)."""
     root = tmp_path_factory.mktemp("dino-teacher")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    _run(root, "teacher", "train.epochs=1")
+    try:
+        _run(root, "teacher", "train.epochs=1")
+    finally:
+        torch.set_num_threads(threads)
     return root / "teacher"
 
 
