@@ -2,7 +2,7 @@
 
 Every import counts, also one inside a function: a lazy import is a dependency all the same.
 Layers, top to bottom (a module may import its own package and anything lower):
-cli; sweep; train and evaluate; data, cluster and devtools; config, storage and tracking;
+cli; sweep; train and evaluate; data, models, cluster and devtools; config, storage and tracking;
 errors; dino_core.
 """
 
@@ -16,7 +16,7 @@ LAYERS = {
     "service.cli": 6,
     "service.sweep": 5,
     "service.train": 4, "service.evaluate": 4,
-    "service.data": 3, "service.cluster": 3, "service.devtools": 3,
+    "service.data": 3, "service.models": 3, "service.cluster": 3, "service.devtools": 3,
     "service.config": 2, "service.storage": 2, "service.tracking": 2,
     "service.errors": 1, "service": 1,
     "dino_core": 0,

@@ -47,7 +47,8 @@ def _train(args: argparse.Namespace, json_out: TextIO | None = None) -> int:
     from service.storage import runlock
     from service.train.driver import train, workers_label
 
-    print(f"[dino] run {cfg.run_name!r}: {cfg.model.arch}/{cfg.model.patch_size}, "
+    taught = f" distilled from {cfg.train.distill.teacher}" if cfg.train.distill.teacher else ""
+    print(f"[dino] run {cfg.run_name!r}: {cfg.model.arch}/{cfg.model.patch_size}{taught}, "
           f"{cfg.train.epochs} epochs, global batch {cfg.train.batch_size} on "
           f"{workers_label(cfg)} worker(s), storage {cfg.storage.root}", flush=True)
     try:

@@ -168,6 +168,8 @@ def resolve_paths(cfg: DinoConfig) -> DinoConfig:
     cfg.eval.val_path = absolute(cfg.eval.val_path)
     if cfg.train.resume:
         cfg.train.resume = absolute(cfg.train.resume)
+    if cfg.train.distill.teacher:
+        cfg.train.distill.teacher = absolute(cfg.train.distill.teacher)
     if cfg.storage.spool_dir:
         cfg.storage.spool_dir = absolute(cfg.storage.spool_dir)
     return cfg

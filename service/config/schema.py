@@ -230,6 +230,52 @@ class GramConfig(_Section):
     remove_neg: bool = Field(RECIPE.gram_remove_neg, description="clamp negative similarities to 0 (dinov3: false)")
 
 
+class DistillConfig(_Section):
+    """Distillation from a large frozen teacher (DINOv2, Oquab et al. 2024, Sec. 5): the
+    student is ``model.*``, trained on the teacher's features or DINO targets; its EMA copy
+    is the run's teacher for k-NN and export. Off while ``teacher`` is empty."""
+
+    teacher: str = Field(
+        "", description="the frozen teacher: an exported .safetensors, a run folder or "
+        "checkpoint, a reference DINO .pth or Meta's DINOv2/v3 .pth (a path or URL); its "
+        "weights are not saved with the run, their SHA-256 is; empty: no distillation")
+    required: bool = Field(
+        False, description="set by the distillation presets: an empty teacher stops the run "
+        "before it starts, instead of quietly pretraining the student with DINO")
+    objective: Literal["feature", "dino", "both"] = Field(
+        "feature", description="feature: the teacher's CLS and patch features (any teacher "
+        "file); dino: its DINO head's targets (a training checkpoint: the head is in it); both")
+    feature_loss: Literal["cosine", "smooth_l1"] = Field(
+        "cosine", description="per token, against the teacher's layer-normalised feature: "
+        "cosine ignores the scale; smooth_l1 (beta 1) also fits it")
+    cls_weight: float = Field(1.0, ge=0, description="weight of the CLS feature term; 0: none")
+    patch_weight: float = Field(
+        1.0, ge=0, description="weight of the patch feature term (the teacher's grid resampled "
+        "to the student's); 0: none, for a teacher whose patches are not worth copying")
+    dino_weight: float = Field(1.0, ge=0, description="weight of the DINO term (objective dino or both)")
+    projector_hidden_dim: int = Field(
+        0, ge=0, description="the projectors from the student's width to the teacher's: 0, "
+        "one linear layer (the student must hold the teacher's features up to a linear map); "
+        "> 0, a GELU MLP this wide")
+
+    @model_validator(mode="after")
+    def _weights(self) -> DistillConfig:
+        if self.objective != "dino" and self.cls_weight + self.patch_weight == 0:
+            raise ValueError(f"train.distill.objective={self.objective} with "
+                             "train.distill.cls_weight=0 and train.distill.patch_weight=0 "
+                             "leaves no feature term; raise one, or use objective=dino")
+        return self
+
+    @property
+    def on(self) -> bool:
+        """A run that distils (or must: ``required``); every rule of distillation applies."""
+        return bool(self.teacher) or self.required
+
+    @property
+    def with_dino(self) -> bool:
+        return self.objective in ("dino", "both")
+
+
 class TrainConfig(_Section):
     epochs: int = Field(100, ge=1, description="paper: 100 (ViT-S) to 800")
     batch_size: int = Field(256, ge=1, description="global batch over all workers")
@@ -275,6 +321,7 @@ class TrainConfig(_Section):
         5, ge=1, description="steps between looks for a drain notice or a stop request "
         "(each look is a barrier of a few ms); a SIGTERM is seen at the next step")
     init_from: str | None = Field(None, description="weights to start a new run from: a reference checkpoint.pth / hub backbone .pth, our checkpoint or exported .safetensors; a fresh schedule, unlike train.resume")
+    distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
 class EvalConfig(_Section):
@@ -399,6 +446,21 @@ RUN_NAME_MAX = 100  # a folder name (most filesystems: 255 bytes), with room for
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+def _check_distill(cfg: DinoConfig) -> None:
+    """Distillation runs its own objective on a plain student: the DINOv2 recipe's terms,
+    the packed multi-crop call, the fused head loss and ``init_from`` are not wired to it."""
+    for name, value, off in (("loss.ibot_weight", cfg.loss.ibot_weight, 0.0),
+                             ("loss.koleo_weight", cfg.loss.koleo_weight, 0.0),
+                             ("gram.weight", cfg.gram.weight, 0.0),
+                             ("train.packed_crops", cfg.train.packed_crops, "off"),
+                             ("train.fused_head_loss", cfg.train.fused_head_loss, False),
+                             ("train.init_from", cfg.train.init_from, None)):
+        if value != off:
+            raise ValueError(f"{name}={value} with train.distill.teacher: distillation has "
+                             f"its own objective (train.distill.*) and does not use it; set "
+                             f"{name}={off}")
+
+
 class DinoConfig(_Section):
     run_name: str = Field("dino", description="same name = resume; the run's folder name")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -435,6 +497,8 @@ class DinoConfig(_Section):
                 if value != off:
                     raise ValueError(f"{name}={value:g} needs a ViT (model.arch=resnet50 "
                                      f"has no patch tokens or blocks); use {off:g}")
+        if self.train.distill.on:
+            _check_distill(self)
         batch, r = self.train.batch_size, self.ray
         for workers in range(r.min_workers, r.max_workers + 1):
             if not batch % workers:

@@ -4,7 +4,8 @@ From a checkpoint directory, URL or run folder: main_dino's ``checkpoint.pth`` (
 student in its key layout, ``args``, ``epoch``, ``dino_loss`` with the center), which the
 reference's ``eval_knn.py``, ``eval_linear.py`` and ``visualize_attention.py`` read with
 ``--pretrained_weights checkpoint.pth --checkpoint_key teacher``. From an exported
-``.safetensors``: the flat backbone file the reference publishes (``--pretrained_weights``
+``.safetensors`` or a distillation run's checkpoint (its student has projectors, not
+main_dino's head): the flat backbone file the reference publishes (``--pretrained_weights``
 alone). The layout is ``dino_core.interop.reference``'s.
 """
 
@@ -15,6 +16,7 @@ from typing import Any
 
 from safetensors.torch import load_file
 
+from dino_core.interop.export import backbone_state_from_checkpoint
 from dino_core.interop.reference import (
     reference_backbone_state,
     reference_checkpoint,
@@ -67,8 +69,12 @@ def export_reference(checkpoint_uri: str, out: str) -> str:
     else:
         _, state = ckpt.load(checkpoint_uri)
         cfg = DinoConfig.model_validate(state["config"])
-        obj = reference_checkpoint(state["teacher"], state["student"], center=state["center"],
-                                   epoch=int(state["epoch"]), args=main_dino_args(cfg))
+        if "distill" in state:  # the distilled backbone alone: main_dino has no projectors
+            obj = reference_backbone_state(backbone_state_from_checkpoint(state))
+        else:
+            obj = reference_checkpoint(state["teacher"], state["student"],
+                                       center=state["center"], epoch=int(state["epoch"]),
+                                       args=main_dino_args(cfg))
     blocks = {k.split("blocks.")[1].split(".")[0] for k in obj.get("teacher", obj)
               if "blocks." in k}
     if blocks and len(blocks) != 12:

@@ -2,7 +2,7 @@
 
 A checkpoint is a directory with ``state.pt`` (everything needed to continue exactly),
 ``config.yaml`` (the resolved config) and ``manifest.json`` (size and SHA-256 of each file,
-epoch and step). The manifest is written last, so a directory without one was never finished
+epoch and step; a distillation run's teacher URI and hash). The manifest is written last, so a directory without one was never finished
 and is never loaded.
 """
 
@@ -56,6 +56,8 @@ def write_checkpoint(directory: str | Path, state: dict[str, Any], config_yaml: 
         "global_step": state.get("global_step"),
         "files": files,
     }
+    if state.get("distill"):  # the frozen teacher's URI and hash, read before Ray on a resume
+        manifest["distill"] = {k: state["distill"][k] for k in ("teacher_uri", "teacher_sha256")}
     tmp = d / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1))
     tmp.rename(d / MANIFEST)
@@ -87,6 +89,13 @@ def verify(directory: str | Path) -> dict[str, Any]:
 # (np.random.get_state(), a uint32 array); nothing else is ever built from one
 _NP_CORE = getattr(np, "_core", None) or np.core  # numpy 2 / 1
 STATE_GLOBALS = [_NP_CORE.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of the checkpoint directory ``uri`` (local or a URL), nothing else read;
+    {} when it has none."""
+    raw = _read(storage.join(str(uri), MANIFEST))
+    return json.loads(raw) if raw else {}
 
 
 def load_checkpoint(uri: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

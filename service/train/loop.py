@@ -19,6 +19,7 @@ import torch
 
 from dino_core import NonFiniteLossError, train_step
 from dino_core.augment.full import full_image_views
+from dino_core.distill import train_step_distill
 from dino_core.interop.export import backbone_state_from_checkpoint, save_backbone
 from dino_core.step_recipe import train_step_recipe
 from service import data, storage
@@ -57,6 +58,9 @@ class Loop:
         self.restored_from = s.restore(run_url, ctx)
         if cfg.train.init_from and self.restored_from is None:  # resume wins over init_from
             self._say(apply_init_from(cfg.train.init_from, s.student, s.teacher, s.loss_fn))
+        if s.distill is not None:  # which weights taught this run, in its log and tracker
+            self._say(f"[dino] distilling from {s.distill.uri} (SHA-256 {s.distill.sha256})")
+            tracker.set_tag("distill_teacher_sha256", s.distill.sha256)
         s.compile()
         self.model = ctx.wrap_model(s.student)  # only after restoring into the plain module
         self.cadence = Cadence(cfg, niter)
@@ -186,15 +190,19 @@ class Loop:
         values = s.sched.at(s.global_step)
         out = None
         try:
-            common = dict(student=self.model, teacher=s.teacher, optimizer=s.optimizer,
+            # distillation's teacher is frozen (s.teacher is then the student's EMA copy)
+            teacher = s.distill.teacher if s.distill is not None else s.teacher
+            common = dict(student=self.model, teacher=teacher, optimizer=s.optimizer,
                           crops=crops, values=values, step=s.global_step,
                           freeze_last_layer=s.epoch < self.cfg.optim.freeze_last_layer,
                           ema_params=s.ema_params, cfg=s.step_cfg, scaler=s.scaler,
                           clip_module=s.student)
-            if s.recipe_loss is None:  # DINO v1
+            if s.distill is not None:
+                out = train_step_distill(objective=s.distill.objective, **common)
+            elif s.recipe_loss is None:  # DINO v1
                 out = train_step(loss_fn=s.loss_fn, **common)
             else:  # the DINOv2/DINOv3 recipe: masks of the global crops drawn on the host
-                out = train_step_recipe(losses=s.recipe_loss, masks=self.masks(len(crops[0])),
+                out = train_step_recipe(losses=s.recipe_loss, masks=s.masks(len(crops[0])),
                                         gram=s.gram, **common)
             self.guard.record(out, s.global_step)
         except NonFiniteLossError as err:
@@ -212,15 +220,6 @@ class Loop:
                       "skipped_images": self.skipped_images, "nonfinite_steps": self.guard.skipped,
                       "world_size": self.ctx.world_size})
             self.progress.new_window()
-
-    def masks(self, batch: int) -> torch.Tensor:
-        """``(n_global * B, N)`` iBOT masks of this step's global crops (all False without
-        iBOT: KoLeo, Sinkhorn-Knopp or Gram alone mask nothing)."""
-        s = self.state
-        n = s.step_cfg.n_global * batch
-        if s.mask_sampler is not None:
-            return s.mask_sampler(n)
-        return torch.zeros(n, s.mask_grid[0] * s.mask_grid[1], dtype=torch.bool)
 
     def check_unreadable(self) -> None:
         """Stops the run when more than ``data.max_unreadable_fraction`` of the images it
@@ -243,9 +242,8 @@ class Loop:
             s.epoch += 1
             s.batch_in_epoch = 0
         metrics: dict[str, Any] = {"epoch": s.epoch, "step": s.global_step}
-        if "loss" in self.last_metrics:
-            metrics["loss"] = self.last_metrics["loss"]
-            metrics["teacher_entropy"] = self.last_metrics["teacher_entropy"]
+        # the teacher's entropy: DINO's, or DINO distillation's (feature distillation has none)
+        metrics |= {k: v for k, v in self.last_metrics.items() if k in ("loss", "teacher_entropy")}
         if self.cadence.knn_due(s.epoch, epoch_done, s.finished):
             knn = knn_distributed(self.cfg, self.ctx, s.teacher.backbone, s.amp_dtype)
             self.tracker.log_metrics(knn, s.global_step)

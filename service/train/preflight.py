@@ -1,6 +1,7 @@
 """Checks of a run that need no cluster, made before Ray starts: the storage root answers, its
 bucket exists and it can be written, the data is there and mostly readable, ``train.resume``
-is a checkpoint, and a run name that is reused has checkpoints of the same model. Each
+is a checkpoint, a run name that is reused has checkpoints of the same model, and a
+distillation teacher reads and fits. Each
 failure is one error naming the input."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from service import data, storage
 from service.config import DataSource, DinoConfig, ProceduralSource, network_spec, validate
 from service.errors import CheckpointError, ConfigError, DataError
 from service.storage import checkpoints as ckpt
+from service.train import distill
 from service.train.init_from import check_init_from
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,19 @@ def _model_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
         if getattr(a, key) != getattr(b, key):
             name = "aug.global_size" if key == "img_size" else f"model.{key}"
             out.append(f"{name}: {getattr(a, key)} there, {getattr(b, key)} here")
-    return out
+    return out + _student_differences(saved, cfg)
+
+
+def _student_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
+    """The distillation settings that fix the student's modules (its projectors, its head)."""
+    a, b = saved.train.distill, cfg.train.distill
+    pairs = [("train.distill.teacher", "set" if a.on else "empty", "set" if b.on else "empty")]
+    if a.on and b.on:
+        pairs += [(f"train.distill.{k}", getattr(a, k), getattr(b, k))
+                  for k in ("objective", "projector_hidden_dim")]
+        pairs += [(f"train.distill.{k}", f"{getattr(a, k):g}", f"{getattr(b, k):g}")
+                  for k in ("cls_weight", "patch_weight") if (getattr(a, k) > 0) != (getattr(b, k) > 0)]
+    return [f"{name}: {x} there, {y} here" for name, x, y in pairs if x != y]
 
 
 def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
@@ -98,6 +112,7 @@ def check_same_model(checkpoint: str, cfg: DinoConfig, what: str) -> None:
 def preflight(cfg: DinoConfig, run_url: str) -> None:
     """Everything about ``cfg`` that can be wrong without a cluster (``cfg`` resolved)."""
     check_storage(cfg.storage.root, cfg.storage.create_bucket)
+    teacher_sha = distill.check(cfg)  # the teacher is given, reads and fits the student
     if cfg.data.loader == "ray_data" and not data.batched(cfg):
         raise ConfigError("data.loader=ray_data decodes to canvases for the batched "
                           "augmentation: it needs aug.backend=auto or batched, not per_image")
@@ -116,6 +131,7 @@ def preflight(cfg: DinoConfig, run_url: str) -> None:
         check_images(cfg.eval.train_path, cfg.eval.train_source, cfg, "eval.train_path")
         check_images(cfg.eval.val_path, cfg.eval.val_source, cfg, "eval.val_path")
     existing = ckpt.committed(run_url)  # reads each manifest's presence, not the state
+    resume = existing[-1] if existing else None
     if existing:
         check_same_model(existing[-1], cfg, f"run {cfg.run_name!r}: its checkpoint")
     elif cfg.train.resume:
@@ -124,5 +140,7 @@ def preflight(cfg: DinoConfig, run_url: str) -> None:
         except CheckpointError as err:
             raise CheckpointError(f"train.resume: {err}") from None
         check_same_model(resume, cfg, "train.resume:")
+    if resume is not None:
+        distill.check_resumed(cfg, teacher_sha, resume)
     if cfg.train.init_from:
         check_init_from(cfg.train.init_from)

@@ -41,5 +41,6 @@ class Progress:
     def line(self, m: dict[str, float], epoch: str, step: int, total: int) -> str:
         rate = (time.time() - self.started) / max(self.steps_done, 1)
         return (f"[dino] epoch {epoch} step {step}/{total} loss {m['loss']:.4f} "
-                f"lr {m['lr']:.2e} H(t) {m['teacher_entropy']:.2f} "
+                f"lr {m['lr']:.2e} "
+                + (f"H(t) {m['teacher_entropy']:.2f} " if "teacher_entropy" in m else "") +
                 f"{m['images_per_sec']:.1f} img/s ETA {format_eta(rate * (total - step))}")

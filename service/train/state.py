@@ -31,7 +31,9 @@ from dino_core.models.masked import patch_grid
 from dino_core.models.packed import PackedMultiCropWrapper
 from dino_core.recipe import GramAnchor, RecipeLoss
 from service.config import DinoConfig, backbone_meta, network_spec, recipe_spec, schedule_spec
+from service.errors import CheckpointError
 from service.storage import checkpoints as ckpt
+from service.train import distill
 from service.train.collectives import (
     all_gather_rows_differentiable,
     all_reduce_mean,
@@ -72,7 +74,12 @@ class TrainState:
     def __init__(self, cfg: DinoConfig, ctx: RunContext, niter_per_ep: int) -> None:
         self.cfg, self.device, self.niter_per_ep = cfg, ctx.device, niter_per_ep
         world = ctx.world_size
-        self.student, self.teacher = build_networks(network_spec(cfg))
+        # distillation: the student with its projectors, its EMA copy in the teacher's place
+        self.distill: distill.Distillation | None = None
+        if cfg.train.distill.on:
+            self.student, self.teacher, self.distill = distill.build(cfg, self.device, world)
+        else:
+            self.student, self.teacher = build_networks(network_spec(cfg))
         if cfg.train.packed_crops != "off":  # the same modules and keys, one call for all crops
             mode, masked = cfg.train.packed_crops, hasattr(self.student, "mask_token")
             self.student = PackedMultiCropWrapper(self.student.backbone, self.student.head, mode,
@@ -150,6 +157,8 @@ class TrainState:
         if switch(self.cfg.train.compile, self.device):
             compile_backbone(self.student.backbone)
             compile_backbone(self.teacher.backbone)
+            if self.distill is not None:  # the frozen teacher: most of a step's FLOPs when large
+                compile_backbone(self.distill.teacher.backbone)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -158,6 +167,8 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(),
             "center": self.loss_fn.center.detach().cpu(),
             **self.recipe_state(),
+            # distillation: the frozen teacher's URI and hash (not its weights), the center
+            **({"distill": self.distill.state_dict()} if self.distill is not None else {}),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -170,6 +181,14 @@ class TrainState:
             "backbone_meta": backbone_meta(self.cfg),
         }
 
+    def masks(self, batch: int) -> torch.Tensor:
+        """``(n_global * B, N)`` iBOT masks of this step's global crops (all False without
+        iBOT: KoLeo, Sinkhorn-Knopp or Gram alone mask nothing)."""
+        n = self.step_cfg.n_global * batch
+        if self.mask_sampler is not None:
+            return self.mask_sampler(n)
+        return torch.zeros(n, self.mask_grid[0] * self.mask_grid[1], dtype=torch.bool)
+
     def recipe_state(self) -> dict[str, Any]:
         """The recipe's own state: the iBOT center, the mask generator, the Gram snapshot."""
         out: dict[str, Any] = {}
@@ -181,7 +200,12 @@ class TrainState:
             out["gram_teacher"] = self.gram.backbone.state_dict()
         return out
 
-    def load_state_dict(self, s: dict[str, Any]) -> None:
+    def load_state_dict(self, s: dict[str, Any], where: str = "the checkpoint") -> None:
+        if self.distill is not None:  # the same frozen teacher, before any weight is loaded
+            self.distill.load_state_dict(s.get("distill"), where)
+        elif "distill" in s:
+            raise CheckpointError(f"{where} is a distillation run's checkpoint: resume it "
+                                  f"with train.distill.teacher={s['distill']['teacher_uri']}")
         self.student.load_state_dict(s["student"], strict=True)
         self.teacher.load_state_dict(s["teacher"], strict=True)
         self.optimizer.load_state_dict(s["optimizer"])
@@ -220,7 +244,7 @@ class TrainState:
         if found is None:
             return None
         uri, s = found
-        self.load_state_dict(s)
+        self.load_state_dict(s, str(uri))
         if ctx.rank == 0:
             say(f"[dino] resumed from {uri} at epoch {self.epoch_label} step {self.global_step}")
         return str(uri)
