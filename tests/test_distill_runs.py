@@ -60,7 +60,9 @@ def test_a_student_learns_from_a_teacher_file_that_never_moves(tmp_path, capfd,
     s = loop.state
     losses = tracker.losses()
     assert any("knn_top1" in m for _, m in tracker.metrics)  # k-NN of the EMA copy
-    assert f"[dino] distilling from {teacher} (SHA-256 {before})" in capfd.readouterr().out
+    out = capfd.readouterr().out
+    assert f"[dino] distilling from {teacher} (SHA-256 {before})" in out
+    assert f"[dino] the teacher's weights are unchanged after 12 steps (SHA-256 {before})" in out
     assert sorted(losses) == list(range(1, 13))
     assert sum(list(losses.values())[-3:]) / 3 < 0.5 * losses[1], losses  # it learns
     assert {"loss_feat_cls", "loss_feat_patch"} <= set(tracker.metrics[0][1])

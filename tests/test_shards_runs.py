@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import private_ray_tmpdir
+from test_distill_runs import _file_sha, _teacher_file
 from test_reliability_faults import _read_until, _start, kill_group
 from test_service_train import TINY, dino
 
@@ -148,12 +149,23 @@ def test_a_damaged_shard_is_skipped_and_named(packed, tmp_path, caplog, capfd):
 
 
 @pytest.mark.budget(150)
-def test_the_ray_data_loader_trains_and_its_checkpoint_loads(packed, module_ray, tmp_path):
+def test_the_ray_data_loader_trains_a_two_worker_distillation(packed, module_ray, tmp_path):
+    """The Ray Data loader, and the 2-worker Ray run of distillation (issue 24; one run for
+    both facts): a teacher file teaches the student on 2 workers; each worker re-hashes its
+    frozen teacher after the last step and finds the file's weights; the checkpoint loads and
+    holds the teacher's URI and hash, never its weights."""
+    teacher = _teacher_file(tmp_path / "teacher.safetensors")
     out = dino("train", *RUN, f"data.path={packed}", f"storage.root={tmp_path}",
-               f"ray.address={module_ray.address}",
-               "run_name=raydata", "data.loader=ray_data", "train.epochs=1",
-               "tracking.enabled=false")
-    assert "step 6/6" in out.stdout
+               f"ray.address={module_ray.address}", "ray.num_workers=2",
+               "ray.cpus_per_worker=0.5", "run_name=raydata", "data.loader=ray_data",
+               "train.epochs=1", "tracking.enabled=false", f"train.distill.teacher={teacher}")
+    sha = _file_sha(teacher)
+    assert "step 6/6" in out.stdout, out.stdout[-3000:]  # a global batch of 16 on 2 workers
+    assert f"[dino] the teacher's weights are unchanged after 6 steps (SHA-256 {sha})" \
+        in out.stdout, out.stdout[-3000:]
     newest = ckpt.resolve(str(tmp_path / "raydata"))
     uri, state = ckpt.load(newest)
     assert state["global_step"] == 6 and state["epoch"] == 1
+    assert state["distill"]["teacher_sha256"] == sha
+    assert ckpt.read_manifest(str(uri))["distill"]["teacher_sha256"] == sha
+    assert all(k.startswith(("backbone.", "cls_proj.", "patch_proj.")) for k in state["student"])

@@ -67,6 +67,16 @@ class Distillation:
             dino.center.copy_(saved["center"].to(dino.center.device))
 
 
+def unmoved(parts: Distillation, step: int) -> str:
+    """The frozen teacher re-hashed after ``step`` steps: the line that says its weights are
+    those it was read with; a RuntimeError (a bug: something trained or moved it) if not."""
+    now = parts.teacher.sha256()
+    if now != parts.sha256:
+        raise RuntimeError(f"{SETTING}={parts.uri}: the frozen teacher's weights changed "
+                           f"during the run (SHA-256 {parts.sha256} -> {now})")
+    return f"[dino] the teacher's weights are unchanged after {step} steps (SHA-256 {now})"
+
+
 def check_unchanged(uri: str, sha256: str, saved: dict[str, Any], where: str) -> None:
     """Raises a CheckpointError naming ``uri`` and both hashes when the teacher's weights
     (``sha256``) are not those the checkpoint ``where`` was trained with (``saved``)."""

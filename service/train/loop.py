@@ -28,6 +28,7 @@ from service.config.specs import run_metadata
 from service.errors import DataError
 from service.storage import checkpoints as ckpt
 from service.tracking import Tracker
+from service.train import distill
 from service.train.collectives import max_over_ranks, sum_over_ranks
 from service.train.context import RunContext
 from service.train.evaluation import knn_distributed
@@ -300,6 +301,8 @@ class Loop:
         # failed loads of every rank, not only rank 0's
         self.skipped_images = int(sum_over_ranks(self.skipped_images, self.ctx.world_size,
                                                  self.ctx.device))
+        if self.state.distill is not None:  # every rank re-hashes its own frozen teacher
+            self._say(distill.unmoved(self.state.distill, self.state.global_step))
         if self.ctx.rank != 0:
             return
         with tempfile.TemporaryDirectory(prefix="dino-export-") as d:
