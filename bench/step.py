@@ -65,8 +65,17 @@ from dino_core import (  # noqa: E402
     ema_parameter_lists,
     train_step,
 )
+from dino_core.distill import (  # noqa: E402
+    DistillObjective,
+    DistillStudent,
+    FrozenTeacher,
+    train_step_distill,
+)
+from dino_core.distill.student import ema_copy  # noqa: E402
 from dino_core.losses.dino_chunked import chunked_dino_loss  # noqa: E402
+from dino_core.losses.feature_distill import FeatureDistillLoss  # noqa: E402
 from dino_core.masking import MaskSampler  # noqa: E402
+from dino_core.models import build_backbone  # noqa: E402
 from dino_core.models import compile_backbone as compile_backbone_  # noqa: E402
 from dino_core.recipe import GramAnchor, RecipeLoss  # noqa: E402
 from dino_core.specs import RecipeSpec  # noqa: E402
@@ -148,7 +157,13 @@ RECIPE_PARTS: dict[str, dict[str, Any]] = {
 RECIPE_PARTS["dinov2"] = {**RECIPE_PARTS["ibot"], **RECIPE_PARTS["koleo"],
                           **RECIPE_PARTS["lrgroups"]}
 OPTIONS = ("compile", "cudagraphs", "packed", "packed_sdpa", "chunked", "ckpt", "fp8",
-           *RECIPE_PARTS)
+           *RECIPE_PARTS, "distill")
+# ``+distill``: the setting's student learns a frozen teacher one size up, same patch and
+# depth (the issue's ViT-B teacher for the paper's ViT-S student), through feature
+# distillation (CLS and patch terms, linear projectors, the student's EMA copy kept): the
+# teacher reads the global crops, the student all crops, as the service's step does
+DISTILL_TEACHER = {"vit_tiny": "vit_small", "vit_small": "vit_base", "vit_base": "vit_large",
+                   "dinov2_vits14": "dinov2_vitb14"}
 
 
 def recipe_of(options: set[str]) -> RecipeSpec | None:
@@ -166,7 +181,7 @@ class ProjectStep:
     of the student (``ckpt``), torchao float8 matmuls in the student's blocks (``fp8``)."""
 
     def __init__(self, student, teacher, out_dim: int, device: torch.device,
-                 options: set[str] | bool = frozenset()) -> None:
+                 options: set[str] | bool = frozenset(), setting: Setting | None = None) -> None:
         if isinstance(options, bool):
             options = {"compile"} if options else set()
         unknown = set(options) - set(OPTIONS)
@@ -211,6 +226,18 @@ class ProjectStep:
             self.gram = GramAnchor(teacher.backbone, spec).to(device)
         decay = {} if spec is None else {"layer_decay": spec.layer_decay,
                                          "patch_embed_lr_mult": spec.patch_embed_lr_mult}
+        self.distill: tuple[FrozenTeacher, DistillObjective] | None = None
+        if "distill" in options:
+            if setting is None or setting.arch not in DISTILL_TEACHER:
+                raise ValueError("+distill needs a setting whose arch has a teacher one size "
+                                 f"up: {sorted(DISTILL_TEACHER)}")
+            torch.manual_seed(2)
+            big = build_backbone(DISTILL_TEACHER[setting.arch], setting.patch,
+                                 setting.global_size, depth=setting.depth)
+            frozen = FrozenTeacher(big).to(device)
+            student = DistillStudent(student.backbone, frozen.embed_dim).to(device)
+            teacher = ema_copy(student)
+            self.distill = frozen, DistillObjective(FeatureDistillLoss())
         self.student, self.teacher = student, teacher
         self.optimizer = build_optimizer(student, fused=True, **decay)
         self.ema = ema_parameter_lists(teacher, student)
@@ -231,6 +258,12 @@ class ProjectStep:
         return loss, teacher_out
 
     def __call__(self, crops: list[torch.Tensor]) -> None:
+        if self.distill is not None:
+            frozen, objective = self.distill
+            train_step_distill(student=self.student, teacher=frozen, objective=objective,
+                               optimizer=self.optimizer, crops=crops, values=VALUES, step=0,
+                               cfg=self.cfg, ema_params=self.ema)
+            return
         if self.recipe is not None and self.spec is not None:
             side = crops[0].shape[-1] // self.student.backbone.patch_embed.patch_size[0]
             n = 2 * crops[0].shape[0]
@@ -297,7 +330,7 @@ def build_variant(name: str, levers: Levers | None, s: Setting, template: tuple,
                   device: torch.device) -> Callable:
     student, teacher = (copy.deepcopy(m).to(device) for m in template)
     if levers is None:
-        return ProjectStep(student, teacher, s.out_dim, device, set(name.split("+")[1:]))
+        return ProjectStep(student, teacher, s.out_dim, device, set(name.split("+")[1:]), s)
     if device.type != "cuda" and levers.bf16:
         levers = replace(levers, bf16=False)  # CPU rungs stay fp32, like the CPU default
     return LeverStep(student, teacher, ema_parameter_lists(teacher, student), s.out_dim,

@@ -81,7 +81,7 @@ def test_step_benchmark_times_named_levers_and_profiles():
         [sys.executable, "bench/step.py", "--setting", "small", "--batch", "4", "--steps", "1",
          "--windows", "2", "--warmup", "1", "--variants",
          "dino_core,dino_core+packed_sdpa,dino_core+chunked,dino_core+ckpt,dino_core+dinov2,"
-         "dino_core+dinov2+chunked,dino_core+sk+gram,dino_core+fp8"],
+         "dino_core+dinov2+chunked,dino_core+sk+gram,dino_core+distill,dino_core+fp8"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -89,7 +89,8 @@ def test_step_benchmark_times_named_levers_and_profiles():
     timed = {r["variant"]: r for r in records if "img_per_s" in r}
     assert list(timed) == ["dino_core", "dino_core+packed_sdpa", "dino_core+chunked",
                            "dino_core+ckpt", "dino_core+dinov2", "dino_core+dinov2+chunked",
-                           "dino_core+sk+gram"] + (["dino_core+fp8"] if len(timed) == 8 else [])
+                           "dino_core+sk+gram", "dino_core+distill",
+                           ] + (["dino_core+fp8"] if len(timed) == 9 else [])
     for r in timed.values():
         assert r["windows"] == 2 and r["ratio_base"] == "dino_core"
         assert_median_and_spread(r, "img_per_s")
