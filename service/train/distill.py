@@ -18,12 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_core.builder import backbone_of, head_of
 from dino_core.distill import DistillObjective, DistillStudent, FrozenTeacher
 from dino_core.distill.student import ema_copy
 from dino_core.losses.dino import identity
 from dino_core.losses.dino_distill import DINODistillLoss
 from dino_core.losses.feature_distill import FeatureDistillLoss
-from dino_core.models import DINOHead, build_backbone, embed_dim_of
+from dino_core.models import embed_dim_of
 from service import storage
 from service.config import DinoConfig, network_spec
 from service.errors import CheckpointError, ConfigError
@@ -87,14 +88,6 @@ def check_unchanged(uri: str, sha256: str, saved: dict[str, Any], where: str) ->
             "give that teacher again to resume, or another run_name to start a new run")
 
 
-def student_head(cfg: DinoConfig, in_dim: int, out_dim: int) -> DINOHead:
-    """The student's DINO head: ``model.*``'s shape, the teacher head's K."""
-    m = cfg.model
-    return DINOHead(in_dim, out_dim, use_bn=m.use_bn_in_head, norm_last_layer=m.norm_last_layer,
-                    nlayers=m.head_nlayers, hidden_dim=m.head_hidden_dim,
-                    bottleneck_dim=m.head_bottleneck_dim)
-
-
 def objective(cfg: DinoConfig, world: int) -> DistillObjective:
     d, loss = cfg.train.distill, cfg.loss
     feature = None
@@ -141,12 +134,11 @@ def build(cfg: DinoConfig, device: torch.device,
     frozen = FrozenTeacher(backbone, head)
     sha = frozen.sha256()  # of the weights as read, before any device or dtype move
     spec, d = network_spec(cfg), cfg.train.distill
-    net = build_backbone(spec.arch, spec.patch_size, spec.img_size, spec.drop_path_rate,
-                         spec.depth, pos_embed_interpolation=spec.pos_embed_interpolation)  # type: ignore[arg-type]
+    net = backbone_of(spec, spec.drop_path_rate)
     dim = embed_dim_of(net)
     student = DistillStudent(
         net, None if d.objective == "dino" else frozen.embed_dim, d.projector_hidden_dim,
-        head=student_head(cfg, dim, cfg.model.out_dim) if d.with_dino else None,
+        head=head_of(spec, dim) if d.with_dino else None,
         project_cls=d.cls_weight > 0, project_patches=d.patch_weight > 0)
     parts = Distillation(frozen.to(device), objective(cfg, world).to(device), d.teacher, sha)
     return student, ema_copy(student), parts
