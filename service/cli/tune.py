@@ -21,6 +21,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="sweep the default keys as well as --param ones")
     p.add_argument("--num-samples", type=int, default=1, help="repeats of the space")
     p.add_argument("--max-concurrent", type=int, default=2, help="trials at a time")
+    p.add_argument("--scheduler", choices=("asha", "pbt", "pb2"), default="asha",
+                   help="asha (default): stops weak trials early; pbt: population-based "
+                        "training, losing trials copy a winner's checkpoint and go on with "
+                        "perturbed values (the population finds a schedule); pb2: PBT whose "
+                        "new values come from a GP bandit (needs GPy: the [pbt] extra)")
+    p.add_argument("--perturbation-interval", type=int, default=1, metavar="EPOCHS",
+                   help="pbt/pb2: epochs between exploits (default 1: k-NN, the objective, "
+                        "is measured once an epoch)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted sweep from its own record (sweep.json): "
                         "finished trials are kept, the others continue from their checkpoints")
@@ -41,7 +49,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
                               "uniform:lo,hi | loguniform:lo,hi")
         space[key] = spec
     spec = SweepSpec(name=args.name or f"{cfg.run_name}-sweep", space=space,
-                     num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+                     num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                     scheduler=args.scheduler, perturbation_interval=args.perturbation_interval)
+    if args.perturbation_interval < 1:
+        raise ConfigError(f"--perturbation-interval {args.perturbation_interval}: give a "
+                          "number of epochs >= 1")
     print(f"[dino] sweep {spec.name!r} over {', '.join(space)}; objective {OBJECTIVE} "
           f"(the DINO loss is not comparable across teacher temperatures)", flush=True)
     out = run_sweep(cfg, spec, resume=args.resume)

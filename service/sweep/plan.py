@@ -83,6 +83,10 @@ def _same_sweep(record: SweepRecord, spec: SweepSpec, url: str) -> None:
     if record.name != spec.name:
         raise ConfigError(f"{url}: refused: it records sweep {record.name!r}, not {spec.name!r}")
     given = (spec.space, spec.num_samples)
+    if spec.scheduler != record.spec.scheduler:
+        raise ConfigError(f"sweep {spec.name!r} ({url}) was started with --scheduler "
+                          f"{record.spec.scheduler}; --resume continues it so: give the same "
+                          "option or another --name")
     if given != (record.spec.space, record.spec.num_samples):
         params = " ".join(f"--param {k}={v}" for k, v in record.spec.space.items())
         raise ConfigError(

@@ -42,6 +42,8 @@ class SpecRecord(_Strict):
     num_samples: int = Field(ge=1)
     max_concurrent: int = Field(ge=1)
     asha_grace: int = Field(ge=1)
+    scheduler: Literal["asha", "pbt", "pb2"] = "asha"
+    perturbation_interval: int = Field(1, ge=1)
     collapse_patience: int = Field(ge=1)
     collapse_margin: float = Field(ge=0, lt=0.5)
 

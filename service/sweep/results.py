@@ -13,6 +13,7 @@ from typing import Any
 from service import storage
 from service.config import DinoConfig
 from service.sweep.heatmap import objective_heatmap
+from service.sweep.lineage import LineageRow, write_csv
 from service.sweep.record import TrialResult
 from service.sweep.space import DEFAULT_SPACE
 from service.sweep.stopper import OBJECTIVE
@@ -32,6 +33,8 @@ class SweepSpec:
     num_samples: int = 1  # repeats of the grid (random/log-uniform draw again each time)
     max_concurrent: int = 2
     asha_grace: int = 2  # epochs before ASHA may stop a trial
+    scheduler: str = "asha"  # asha | pbt | pb2 (service.sweep.schedulers)
+    perturbation_interval: int = 1  # epochs between PBT/PB2's exploits (k-NN is per epoch)
     collapse_patience: int = 2  # reports at chance before a trial counts as collapsed
     collapse_margin: float = 0.05  # entropy within 5% of 0 or log K is collapse
 
@@ -64,14 +67,17 @@ def result_rows(name: str, trials: list[dict[str, Any]], results: dict[str, Tria
             "run_name": run_name,
             "run_url": storage.join(root, run_name),
         })
-    rows.sort(key=lambda x: -x[OBJECTIVE] if x[OBJECTIVE] is not None else math.inf)
+    # best first; a collapsed trial or one that failed is never ranked above a healthy one
+    rows.sort(key=lambda x: (x["status"] != "ok",
+                             -x[OBJECTIVE] if x[OBJECTIVE] is not None else math.inf))
     return rows
 
 
 def publish(rows: list[dict], spec: SweepSpec, sweep_url: str, parent: Tracker,
-            base: DinoConfig) -> None:
+            base: DinoConfig, lineage: list[LineageRow] | None = None) -> None:
     """The results table, the heat map and the best trial's backbone, into the sweep's
-    folder and onto its MLflow parent run."""
+    folder and onto its MLflow parent run; of a population-based sweep also its lineage
+    (``pbt_lineage.csv``) and the picture of its schedules (``pbt_schedules.png``)."""
     with tempfile.TemporaryDirectory() as d:
         table = os.path.join(d, "results.csv")
         with open(table, "w", newline="") as f:
@@ -84,6 +90,12 @@ def publish(rows: list[dict], spec: SweepSpec, sweep_url: str, parent: Tracker,
             png = os.path.join(d, "objective_heatmap.png")
             objective_heatmap(rows, keys[0], keys[1], OBJECTIVE, png)
             files.append(png)
+        if lineage:
+            from service.sweep.lineage_plot import schedules_plot
+
+            files.append(write_csv(os.path.join(d, "pbt_lineage.csv"), lineage))
+            files.append(schedules_plot(lineage, {r["run_name"]: r[OBJECTIVE] for r in rows},
+                                        os.path.join(d, "pbt_schedules.png")))
         ok = [r for r in rows if r["status"] == "ok" and r[OBJECTIVE] is not None]
         if ok:
             src = storage.join(base.storage.root, ok[0]["run_name"], "teacher_backbone.safetensors")

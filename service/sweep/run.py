@@ -18,16 +18,19 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import secrets
 import time
 from typing import Any
 
 from service import data, storage
 from service.config import DinoConfig, apply_overrides, resolve_paths, validate
+from service.sweep import schedulers
+from service.sweep.lineage import read_rows
 from service.sweep.plan import load_plan, new_plan, trial_config
 from service.sweep.record import SweepRecord, TrialLog, TrialResult, read_trial
 from service.sweep.results import SweepSpec, publish, result_rows, trial_run_name
-from service.sweep.space import check_space
+from service.sweep.space import check_space, expand
 from service.sweep.stopper import OBJECTIVE, CollapseStopper
 from service.train.driver import (
     build_trainer,
@@ -64,6 +67,40 @@ def _trial(config: dict[str, Any]) -> None:
     tracker.end("FINISHED")
 
 
+def _population_trial(config: dict[str, Any]) -> None:
+    """One trial of a PBT/PB2 sweep (``service.sweep.pbt``): its values are the config's
+    top-level keys, which PBT mutates at an exploit."""
+    import ray.train
+
+    from service.sweep.pbt import PopulationTrial, run_population_trial
+
+    trial = PopulationTrial(config, config["__keys__"], CollapseStopper(*config["__collapse__"]),
+                            config["__sweep_url__"])
+    storage.configure(trial.cfg.storage.retry_seconds, trial.cfg.storage.spool_dir)
+    trial.start()
+    tracker = start_tracking(trial.cfg, parent_run_id=config["__parent_run__"],
+                             extra_tags={"sweep": config["__sweep__"]})
+    info = run_info(trial.run_url, tracker)
+    try:
+        run_population_trial(
+            trial, lambda bridge: build_trainer(trial.cfg, info, callbacks=[bridge]).fit(),
+            tracker)
+    except ray.train.TrainingFailedError:
+        tracker.end("FAILED")
+        raise
+    tracker.end("FINISHED")
+
+
+def current_values(record: SweepRecord, names: list[str], sweep_url: str,
+                   population: bool) -> list[dict[str, Any]]:
+    """Each trial's values as it last trained: the plan's, or, in a population-based sweep,
+    those of its newest lineage row (after its last exploit)."""
+    if not population:
+        return list(record.trials)
+    last = {r.trial: r.values for r in read_rows(sweep_url, names)}
+    return [{**values, **last.get(n, {})} for values, n in zip(record.trials, names)]
+
+
 def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[str, Any]:
     """Runs (or resumes) the sweep; returns the rows of the results table, best first."""
     base = resolve_paths(base)
@@ -78,6 +115,8 @@ def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[s
         # retried job's command line says --resume from its first attempt on)
         print(f"[dino] no sweep {spec.name!r} at {sweep_url} yet: starting it", flush=True)
         resume = False
+    schedulers.check_population(spec.scheduler, spec.space,
+                                len(expand(spec.space, spec.num_samples, random.Random(0))))
     record = load_plan(base, spec, sweep_url) if resume else new_plan(base, spec, sweep_url)
     spec = SweepSpec(spec.name, **{**record.spec.model_dump(),
                                    "max_concurrent": spec.max_concurrent})
@@ -93,8 +132,11 @@ def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[s
                             extra_tags={"sweep": spec.name, "kind": "sweep"})
     if todo:
         _tune(base, spec, record, todo, trials, parent.run_id, sweep_url)
-    rows = result_rows(spec.name, record.trials, trials.results, base.storage.root)
-    publish(rows, spec, sweep_url, parent, base)
+    population = spec.scheduler != "asha"
+    rows = result_rows(spec.name, current_values(record, names, sweep_url, population),
+                       trials.results, base.storage.root)
+    publish(rows, spec, sweep_url, parent, base,
+            read_rows(sweep_url, names) if population else None)
     return {"rows": rows, "sweep_url": sweep_url, "parent_run_id": parent.run_id}
 
 
@@ -104,24 +146,37 @@ def _tune(base: DinoConfig, spec: SweepSpec, record: SweepRecord, todo: list[int
     ``Tuner.fit``: its ``ResultGrid`` would load an errored trial's ``error.pkl`` back from
     storage). Their results reach ``trials`` through a driver-side callback."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     init_ray(base, extra_resources={DRIVER_RESOURCE: spec.max_concurrent})
     check_shared_storage(base)
-    stopper = CollapseStopper(math.log(base.model.out_dim), knn_chance(base),
-                              spec.collapse_margin, spec.collapse_patience)
-    planned = [{"run_name": trial_run_name(spec.name, i), "values": record.trials[i]}
-               for i in todo]
+    collapse = (math.log(base.model.out_dim), knn_chance(base), spec.collapse_margin,
+                spec.collapse_patience)
+    stopper = CollapseStopper(*collapse)
+    names = [trial_run_name(spec.name, i) for i in range(len(record.trials))]
+    population = spec.scheduler != "asha"
+    values = current_values(record, names, sweep_url, population)
+    planned = [{"run_name": names[i], "values": values[i]} for i in todo]
+    config: dict[str, Any] = {"__trial__": tune.grid_search(planned), "__base__": record.base,
+                              "__sweep__": spec.name, "__parent_run__": parent_run_id}
+    if population:  # the values as top-level keys: what PBT/PB2 copy and mutate
+        keys = list(spec.space)
+        config.update({"__keys__": keys, "__collapse__": collapse, "__sweep_url__": sweep_url,
+                       schedulers.VALUES: tune.sample_from(
+                           lambda s: dict(s.config["__trial__"]["values"]))},
+                      **{k: tune.sample_from(lambda s, k=k: s.config["__trial__"]["values"][k])
+                         for k in keys})
     # k-NN runs every eval.knn_every_epochs, not at every report: reports without it are
     # fine (ASHA and the collapse stopper skip them), so Tune must not insist on it
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     tune.run(
-        tune.with_resources(_trial, _driver_resources()),
+        tune.with_resources(_population_trial if population else _trial, _driver_resources()),
         name=time.strftime("%Y-%m-%dT%H-%M-%S", time.gmtime()) + f"-{secrets.token_hex(2)}",
-        config={"__trial__": tune.grid_search(planned), "__base__": record.base,
-                "__sweep__": spec.name, "__parent_run__": parent_run_id},
-        metric=OBJECTIVE, mode="max", stop=stopper, max_concurrent_trials=spec.max_concurrent,
-        scheduler=ASHAScheduler(time_attr="epoch", grace_period=spec.asha_grace, max_t=10_000),
+        config=config, metric=OBJECTIVE, mode="max",
+        # a population replaces a collapsed trial by a winner's copy (it reports the lowest
+        # objective) rather than stopping it
+        stop=None if population else stopper, max_concurrent_trials=spec.max_concurrent,
+        scheduler=schedulers.build(spec.scheduler, spec.space, spec.perturbation_interval,
+                                   spec.asha_grace, base.train.seed),
         callbacks=[_recorder(trials, stopper)], raise_on_failed_trial=False,
         trial_name_creator=_run_name, trial_dirname_creator=_run_name,
         **storage_kwargs(storage.join(sweep_url, "tune")),
@@ -137,21 +192,31 @@ def _recorder(log_: TrialLog, stopper: CollapseStopper) -> Any:
     ``log_``, which writes them to the sweep's record."""
     from ray import tune
 
+    names: dict[str, str] = {}
+
+    def name(trial: Any) -> str:
+        # fixed at the trial's first sight: PBT replaces a trial's config by the one it
+        # copies at an exploit, "__trial__" included
+        return names.setdefault(trial.trial_id, _run_name(trial))
+
     class Recorder(tune.Callback):
         def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            log_.started(_run_name(trial))
+            log_.started(name(trial))
 
         def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
                             **info: Any) -> None:
-            log_.reported(_run_name(trial), result, OBJECTIVE)
+            if "collapsed" in result:  # a population's collapsed trial: not its objective
+                result = {k: v for k, v in result.items() if k != OBJECTIVE}
+            log_.reported(name(trial), result, OBJECTIVE)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any,
                               **info: Any) -> None:
-            reason = stopper.reasons.get(trial.trial_id)
-            log_.ended(_run_name(trial), "collapsed" if reason else "ok", reason or "")
+            reason = stopper.reasons.get(trial.trial_id) or (trial.last_result or {}).get(
+                "collapsed")
+            log_.ended(name(trial), "collapsed" if reason else "ok", reason or "")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            log_.ended(_run_name(trial), "error", _last_error_line(trial.error_file))
+            log_.ended(name(trial), "error", _last_error_line(trial.error_file))
 
     return Recorder()
 
