@@ -167,7 +167,7 @@ def per_step(tracker: LossRecorder, key: str) -> dict[int, float]:
     return {step - 1: m[key] for step, m in tracker.metrics if key in m and "loss" in m}
 
 
-@pytest.mark.budget(30)  # 18 in-process steps of a tiny ViT: 2.5 s here
+@pytest.mark.budget(30)  # 18 in-process steps of a tiny ViT: 0.6-1.8 s here (2026-12-04)
 def test_the_loop_trains_with_the_changed_values_step_by_step(tmp_path, one_torch_thread):
     changes = ("[{step: 4, values: {loss.teacher_temp: 0.06, optim.momentum_teacher: 0.99}}, "
                "{step: 11, values: {loss.teacher_temp: 0.05}}]")
