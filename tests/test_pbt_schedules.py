@@ -17,6 +17,8 @@ from service.config import ConfigError, load_config
 from service.train.context import InProcessContext
 from service.train.loop import Loop
 
+# the tests of plain numbers and files: well under 0.1 s each; the loop's mark their own
+pytestmark = pytest.mark.budget(5)
 EPOCHS, NITER, BATCH = 6, 5, 512
 TOTAL = EPOCHS * NITER
 BASE = ScheduleSpec(lr=1e-3, min_lr=1e-5, warmup_epochs=2, weight_decay=0.04,
@@ -167,7 +169,7 @@ def per_step(tracker: LossRecorder, key: str) -> dict[int, float]:
     return {step - 1: m[key] for step, m in tracker.metrics if key in m and "loss" in m}
 
 
-@pytest.mark.budget(30)  # 18 in-process steps of a tiny ViT: 0.6-1.8 s here (2026-12-04)
+@pytest.mark.budget(15)  # 18 in-process steps of a tiny ViT: 0.6-1.8 s here (2026-12-04)
 def test_the_loop_trains_with_the_changed_values_step_by_step(tmp_path, one_torch_thread):
     changes = ("[{step: 4, values: {loss.teacher_temp: 0.06, optim.momentum_teacher: 0.99}}, "
                "{step: 11, values: {loss.teacher_temp: 0.05}}]")

@@ -26,6 +26,8 @@ from service.sweep.results import trial_run_name
 from service.train.context import InProcessContext
 from service.train.loop import Loop
 
+# the tests of plain numbers and files: well under 0.1 s each; the loop's mark their own
+pytestmark = pytest.mark.budget(5)
 TT, M = "loss.teacher_temp", "optim.momentum_teacher"
 BASE = [*TINY, "train.epochs=3", "loss.warmup_teacher_temp=0.02",
         "loss.warmup_teacher_temp_epochs=2", "run_name=base"]
@@ -60,7 +62,7 @@ def command(root, *overrides: str):
     return load_config(None, None, [f"storage.root={root}", "tracking.enabled=false", *overrides])
 
 
-@pytest.mark.budget(30)  # 18 in-process steps of a tiny ViT: 1.3-1.8 s here (2026-12-04)
+@pytest.mark.budget(15)  # 18 in-process steps of a tiny ViT: 1.3-1.8 s here (2026-12-04)
 def test_the_replay_of_the_best_trial_trains_with_its_lineage_step_by_step(
         tmp_path, one_torch_thread, capsys):
     make_sweep(tmp_path, "pbt")
@@ -143,7 +145,7 @@ def test_a_lineage_that_changes_a_setting_no_schedule_reads_is_refused(tmp_path)
         _replay("odd/t000", command(tmp_path), [])
 
 
-@pytest.mark.budget(20)  # matplotlib's import and two figures: 1.4-2.5 s here (2026-12-04)
+@pytest.mark.budget(10)  # matplotlib's import and two figures: 1.4-2.5 s here (2026-12-04)
 def test_the_lineage_picture_is_a_png(tmp_path):
     url = make_sweep(tmp_path, "pbt")
     rows = read_rows(url, [trial_run_name("pbt", i) for i in range(3)])
