@@ -123,3 +123,36 @@ def build_schedules(
         ),
         niter_per_ep=niter_per_ep,
     )
+
+
+def splice_schedules(segments: list[tuple[int, Schedules]]) -> Schedules:
+    """One run's schedules whose values change at given global steps: step ``t`` takes its
+    values from the schedules of the segment in effect at ``t`` (segment ``k`` covers
+    ``[start_k, start_{k+1})``). Each segment's schedules span the whole run and are indexed
+    by the global step, so a value changed at step ``s`` continues as a fresh schedule of the
+    new value would be at ``s`` (no restart of its warm-up or cosine at ``s``): population
+    based training's exploits, replayed.
+
+    Args:
+        segments: ``[(start, schedules), ...]``, the first at step 0, starts increasing, all of
+            one run (same length and ``niter_per_ep``). A start past the end changes nothing.
+
+    Returns:
+        The spliced ``Schedules``, arrays as long as the segments'.
+    """
+    if not segments or segments[0][0] != 0:
+        raise ValueError("the first segment of a spliced schedule starts at step 0")
+    starts = [start for start, _ in segments]
+    if any(b <= a for a, b in zip(starts, starts[1:])):
+        raise ValueError(f"segment starts must increase strictly, got {starts}")
+    first = segments[0][1]
+    if any(len(s.lr) != len(first.lr) or s.niter_per_ep != first.niter_per_ep
+           for _, s in segments):
+        raise ValueError("every segment must be a schedule of the same run (length, "
+                         "iterations per epoch)")
+    out = {name: getattr(first, name).copy()
+           for name in ("lr", "weight_decay", "momentum", "teacher_temp")}
+    for start, sched in segments[1:]:
+        for name, values in out.items():
+            values[start:] = getattr(sched, name)[start:]
+    return Schedules(**out, niter_per_ep=first.niter_per_ep)

@@ -19,6 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        epilog=EPILOG_OVERRIDES)
     config_args(p)
     p.add_argument("--resume", metavar="URI", help="start from this checkpoint (dir or URL)")
+    p.add_argument("--replay", metavar="SWEEP[/TRIAL]",
+                   help="train a fresh run with the values a population-based sweep's trial "
+                        "(default: its best) trained with, changed at the same steps; the "
+                        "sweep's config, under storage.root (or a sweep's URL), with the "
+                        "command's ray/tracking/storage sections and key=value overrides")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.set_defaults(fn=cmd_train)
 
@@ -41,7 +46,9 @@ def _train(args: argparse.Namespace, json_out: TextIO | None = None) -> int:
     if args.resume:
         overrides.append(f"train.resume={args.resume}")
     cfg = load_config(args.preset, args.config, overrides)
-    if "run_name" not in cfg.model_fields_set:  # neither the preset, the file nor an override
+    if args.replay:
+        cfg = _replay(args.replay, cfg, overrides)
+    elif "run_name" not in cfg.model_fields_set:  # neither the preset, the file nor an override
         # a fresh name: two unnamed runs on one storage root never share a directory
         cfg = cfg.model_copy(update={"run_name": unique_run_name()})
     from service.storage import runlock
@@ -76,6 +83,17 @@ def _train(args: argparse.Namespace, json_out: TextIO | None = None) -> int:
     if json_out is not None:
         print(json.dumps({**res.__dict__}), file=json_out)
     return 0
+
+
+def _replay(target: str, command: DinoConfig, overrides: list[str]) -> DinoConfig:
+    """The config of ``--replay``, and its one line saying what is replayed."""
+    from service.sweep import replay
+
+    record, chosen = replay.load(target, command.storage.root)
+    name = command.run_name if "run_name" in command.model_fields_set else None
+    cfg = replay.replay_config(command, record, chosen, overrides, name)
+    print(replay.describe(chosen, cfg.run_name), flush=True)
+    return cfg
 
 
 def interrupted_notice(cfg: DinoConfig) -> str:

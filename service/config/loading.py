@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from service.config.presets import load_preset
 from service.config.schema import DinoConfig
 from service.config.sources import absolute
+from service.config.value_changes import value_change_problems
 from service.errors import ConfigError
 
 
@@ -59,7 +60,7 @@ def validate(data: dict[str, Any], new_run: bool = True) -> DinoConfig:
 def new_run_problems(cfg: DinoConfig) -> list[str]:
     """Rules a config to train with must keep, beyond the schema's; kept out of the schema
     (which also reads the configs saved in checkpoints) so older runs still evaluate."""
-    return crops_off_the_patch_grid(cfg)
+    return crops_off_the_patch_grid(cfg) + value_change_problems(cfg)
 
 
 def crops_off_the_patch_grid(cfg: DinoConfig) -> list[str]:

@@ -12,9 +12,10 @@ change, a section per class, and splitting it would scatter that list.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from dataclasses import fields
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from dino_core.specs import MULTICROP, NetworkSpec, RecipeSpec, ScheduleSpec
 from service.config.sources import DataSource, parse_source
@@ -276,6 +277,41 @@ class DistillConfig(_Section):
         return self.objective in ("dino", "both")
 
 
+def schedule_keys() -> tuple[str, ...]:
+    """The numeric settings that feed ``ScheduleSpec`` (``service.config.schedule_spec``),
+    as dotted keys: the ones a run's ``train.value_changes`` may change mid-run."""
+    numeric = {f.name for f in fields(ScheduleSpec)
+               if isinstance(f.default, int | float) and not isinstance(f.default, bool)}
+    return tuple(f"{section}.{name}" for section, model in (("optim", OptimConfig),
+                                                            ("loss", LossConfig))
+                 for name in model.model_fields if name in numeric)
+
+
+def _number(value: object) -> object:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"a number, got {value!r}")
+    return value
+
+
+class ValueChange(_Section):
+    """From global step ``step`` on, the schedules are those of the config with ``values``
+    set (and every earlier change), indexed by the global step as from step 0."""
+
+    step: int = Field(ge=1, description="the first global step with the new values")
+    values: dict[str, Annotated[int | float, BeforeValidator(_number)]] = Field(
+        min_length=1, description="dotted schedule settings, e.g. loss.teacher_temp: 0.05")
+
+    @field_validator("values")
+    @classmethod
+    def _schedule_keys(cls, values: dict[str, float | int]) -> dict[str, float | int]:
+        allowed = schedule_keys()
+        bad = sorted(k for k in values if k not in allowed)
+        if bad:
+            raise ValueError(f"{', '.join(bad)} cannot change mid-run (not a schedule "
+                             f"setting); allowed: {', '.join(allowed)}")
+        return values
+
+
 class TrainConfig(_Section):
     epochs: int = Field(100, ge=1, description="paper: 100 (ViT-S) to 800")
     batch_size: int = Field(256, ge=1, description="global batch over all workers")
@@ -322,6 +358,18 @@ class TrainConfig(_Section):
         "(each look is a barrier of a few ms); a SIGTERM is seen at the next step")
     init_from: str | None = Field(None, description="weights to start a new run from: a reference checkpoint.pth / hub backbone .pth, our checkpoint or exported .safetensors; a fresh schedule, unlike train.resume")
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    value_changes: list[ValueChange] = Field(
+        default_factory=list, description="schedule settings changed at global steps (a "
+        "population-based sweep's exploits, replayed by `dino train --replay`): "
+        "[{step: 40, values: {loss.teacher_temp: 0.05}}]; empty: none")
+
+    @field_validator("value_changes")
+    @classmethod
+    def _increasing(cls, changes: list[ValueChange]) -> list[ValueChange]:
+        steps = [c.step for c in changes]
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            raise ValueError(f"steps must increase strictly, got {steps}")
+        return changes
 
 
 class EvalConfig(_Section):

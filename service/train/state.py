@@ -30,7 +30,9 @@ from dino_core.models import compile_backbone
 from dino_core.models.masked import patch_grid
 from dino_core.models.packed import PackedMultiCropWrapper
 from dino_core.recipe import GramAnchor, RecipeLoss
-from service.config import DinoConfig, backbone_meta, network_spec, recipe_spec, schedule_spec
+from dino_core.schedules import splice_schedules
+from service.config import DinoConfig, backbone_meta, network_spec, recipe_spec
+from service.config.value_changes import schedule_segments
 from service.errors import CheckpointError
 from service.storage import checkpoints as ckpt
 from service.train import distill
@@ -126,9 +128,11 @@ class TrainState:
         self.step_cfg = StepConfig(clip_grad=cfg.optim.clip_grad, autocast_dtype=self.amp_dtype,
                                    all_reduce_mean=reduce, defer_nonfinite_check=self.defer_check,
                                    fused_head_loss=cfg.train.fused_head_loss)
-        self.sched = build_schedules(schedule_spec(cfg), epochs=cfg.train.epochs,
-                                     niter_per_ep=niter_per_ep,
-                                     global_batch_size=cfg.train.batch_size)
+        # train.value_changes: each segment's schedules from step 0, taken from its start on
+        self.sched = splice_schedules([
+            (step, build_schedules(spec, epochs=cfg.train.epochs, niter_per_ep=niter_per_ep,
+                                   global_batch_size=cfg.train.batch_size))
+            for step, spec in schedule_segments(cfg)])
         self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps = 0
         self.data_streams = 1  # loader streams of the epoch in progress (packed data)
