@@ -94,6 +94,18 @@ def perturb(key: str, value: float, lo: float, hi: float, kind: str,
     return changed[0] if changed else clipped[0]
 
 
+def record_values(space: dict[str, str]):
+    """PB2's ``custom_explore_fn``: its GP's new values (inside the bounds) recorded as the
+    trial's current ones (``VALUES``), unchanged."""
+    keys = list(bounds(space))
+
+    def explore(config: dict[str, Any]) -> dict[str, Any]:
+        config[VALUES] = {**config[VALUES], **{k: config[k] for k in keys}}
+        return config
+
+    return explore
+
+
 def explore_within(space: dict[str, str], rng: random.Random):
     """PBT's ``custom_explore_fn``: replaces Ray's perturbation (which knows no bounds, and
     scales a momentum by 1.2) with ``perturb`` of each key's current value (``VALUES``,
@@ -133,13 +145,13 @@ def build(scheduler: str, space: dict[str, str], interval: int, asha_grace: int,
 
         return ASHAScheduler(time_attr="epoch", grace_period=asha_grace, max_t=10_000)
     # metric and mode come from tune.run (OBJECTIVE, max)
-    common = dict(time_attr="pbt_epoch", perturbation_interval=interval, burn_in_period=0,
+    common = dict(time_attr="pbt_epoch", perturbation_interval=interval,
                   quantile_fraction=QUANTILE_FRACTION, require_attrs=False)
     if scheduler == "pbt":
         from ray.tune.schedulers import PopulationBasedTraining
 
         return PopulationBasedTraining(
-            **common, hyperparam_mutations=mutations(space),
+            **common, burn_in_period=0, hyperparam_mutations=mutations(space),
             resample_probability=RESAMPLE_PROBABILITY,
             perturbation_factors=PERTURBATION_FACTORS,
             custom_explore_fn=explore_within(space, random.Random(seed)))
@@ -150,7 +162,8 @@ def build(scheduler: str, space: dict[str, str], interval: int, asha_grace: int,
             raise ConfigError(f"--scheduler pb2 needs GPy ({err}); install it with "
                               "`pip install 'dino-service[pbt]'`, or use --scheduler pbt") from None
         # PB2 picks new values by a GP bandit inside the bounds: no perturbation factors
-        return PB2(**common, hyperparam_bounds={k: list(v) for k, v in bounds(space).items()})
+        return PB2(**common, hyperparam_bounds={k: list(v) for k, v in bounds(space).items()},
+                   custom_explore_fn=record_values(space))
     raise ConfigError(f"--scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)}")
 
 
