@@ -20,6 +20,7 @@ from service.config import load_config
 from service.errors import CheckpointError, ConfigError
 from service.evaluate import load_backbone as load_any_backbone
 from service.storage import checkpoints as ckpt
+from service.train import distill
 from service.train.context import InProcessContext
 from service.train.loop import Loop
 from service.train.preflight import preflight
@@ -150,6 +151,10 @@ def test_a_run_of_several_students_stopped_mid_epoch_resumes_with_the_same_losse
                                            *both, STUDENTS[0]]), str(tmp_path / "split"))
     with pytest.raises(CheckpointError, match=r"holds the students \['d2', 'p4'\]"):
         _run(tmp_path, "split", *FAST, *both, STUDENTS[0])
+    # a student's head of another K than the teacher's, before Ray
+    with pytest.raises(ConfigError, match="64 prototypes, train.distill.students.d2.out_dim=32; "
+                                          "set train.distill.students.d2.out_dim=64"):
+        distill.check(load_config(None, None, [*TINY, *both, "train.distill.students.d2.out_dim=32"]))
 
 
 def test_bad_student_settings_fail_when_the_config_is_read(tmp_path):
