@@ -130,13 +130,13 @@ class TrainState:
         self.sched = build_schedules(schedule_spec(cfg), epochs=cfg.train.epochs,
                                      niter_per_ep=niter_per_ep,
                                      global_batch_size=cfg.train.batch_size)
+        self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
+        self.skipped_steps = 0
+        self.data_streams = 1  # loader streams of the epoch in progress (packed data)
         # distillation's extra students, fed by the same teacher forward (own random state)
         self.students = Students.build(cfg, self.device, world, self.distill,
                                        fused=True if self.defer_check else None,
                                        scaled=self.scaler is not None)
-        self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
-        self.skipped_steps = 0
-        self.data_streams = 1  # loader streams of the epoch in progress (packed data)
 
     @property
     def total_steps(self) -> int:

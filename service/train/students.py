@@ -115,7 +115,11 @@ class Students:
 
     def compile(self, checkpointing: bool, compiled: bool) -> None:
         for x in self.extras:
-            if checkpointing:
+            if checkpointing:  # timm's, as for the run's student (``state.set_checkpointing``)
+                if not hasattr(x.student.backbone, "set_grad_checkpointing"):
+                    raise ValueError(f"train.distill.students.{x.name}: "
+                                     f"{type(x.student.backbone).__name__} has no activation "
+                                     "checkpointing (train.activation_checkpointing)")
                 x.student.backbone.set_grad_checkpointing(True)
             if compiled:
                 compile_backbone(x.student.backbone)
