@@ -15,7 +15,8 @@ import pytest
 from service.config import load_config
 from service.storage import checkpoints as ckpt
 from service.train.context import InProcessContext
-from service.train.loop import BACKBONE_FILE, Loop
+from service.train.exports import BACKBONE_FILE
+from service.train.loop import Loop
 
 TINY = [
     "model.arch=vit_tiny", "model.depth=1", "model.patch_size=8", "model.out_dim=64",

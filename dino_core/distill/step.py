@@ -4,7 +4,8 @@ last layer (DINO distillation), optimizer step, the student's EMA copy.
 
 The teacher is never in the optimizer and never updated: it runs under ``no_grad`` in eval
 mode (``FrozenTeacher``), and the EMA lists are those of the student and its own copy
-(``ema_copy`` and ``dino_core.builder.ema_parameter_lists``), or empty for none.
+(``ema_copy`` and ``dino_core.builder.ema_parameter_lists``), or empty for none. Several
+students learn from one teacher forward (``teach``), each with a step of its own.
 """
 
 from __future__ import annotations
@@ -15,12 +16,19 @@ import torch
 from torch import nn
 
 from dino_core.distill.objective import DistillObjective
-from dino_core.distill.teacher import FrozenTeacher
+from dino_core.distill.teacher import FrozenTeacher, TeacherOutput
 from dino_core.monitors import teacher_stats
 from dino_core.optim import set_schedule_values
 from dino_core.step import StepConfig, StepOutput, agree_on_loss, autocast, backward_and_update
 
 NO_EMA: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] = ((), ())
+
+
+def teach(teacher: FrozenTeacher, crops: Sequence[torch.Tensor], n_global: int) -> TeacherOutput:
+    """The frozen teacher on the global crops, once a step however many students learn from
+    it (DINOv3's ``multidist_meta_arch``): ``targets`` of each ``train_step_distill``."""
+    # only the global views pass through the teacher, which keeps its own precision
+    return teacher(torch.cat(list(crops[:n_global])))
 
 
 def train_step_distill(
@@ -37,6 +45,7 @@ def train_step_distill(
     freeze_last_layer: bool = False,
     scaler: torch.amp.GradScaler | None = None,
     clip_module: nn.Module | None = None,
+    targets: TeacherOutput | None = None,
 ) -> StepOutput:
     """As ``dino_core.step.train_step``, with a frozen teacher; ``stats`` holds each weighted
     term (``loss_feat_cls``, ``loss_feat_patch``, ``loss_dino``) and, with DINO distillation,
@@ -57,14 +66,15 @@ def train_step_distill(
         freeze_last_layer: drop the student head's last-layer gradients.
         scaler: a GradScaler for fp16; None otherwise.
         clip_module: the unwrapped student, whose parameters are clipped and frozen.
+        targets: the teacher's output on these crops (``teach``), shared by several
+            students; None: the teacher runs here.
 
     Raises:
         NonFiniteLossError: before anything is updated (see ``train_step``).
     """
     set_schedule_values(optimizer, values["lr"], values["weight_decay"])
     n_global, temp = cfg.n_global, values.get("teacher_temp")
-    # only the global views pass through the teacher, which keeps its own precision
-    t = teacher(torch.cat(list(crops[:n_global])))
+    t = targets if targets is not None else teach(teacher, crops, n_global)
     stats: dict[str, torch.Tensor] = {}
     if objective.dino is not None and t.out is not None and temp is not None:
         stats = teacher_stats(t.out, objective.dino.center, temp)

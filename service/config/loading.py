@@ -60,7 +60,11 @@ def validate(data: dict[str, Any], new_run: bool = True) -> DinoConfig:
 def new_run_problems(cfg: DinoConfig) -> list[str]:
     """Rules a config to train with must keep, beyond the schema's; kept out of the schema
     (which also reads the configs saved in checkpoints) so older runs still evaluate."""
-    return crops_off_the_patch_grid(cfg) + value_change_problems(cfg)
+    problems = crops_off_the_patch_grid(cfg)
+    for name, student in cfg.student_configs().items():  # distillation's extra students
+        problems += [f"train.distill.students.{name}: {p}"
+                     for p in crops_off_the_patch_grid(student)]
+    return problems + value_change_problems(cfg)
 
 
 def crops_off_the_patch_grid(cfg: DinoConfig) -> list[str]:

@@ -13,9 +13,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import fields
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dino_core.specs import MULTICROP, NetworkSpec, RecipeSpec, ScheduleSpec
 from service.config.sources import DataSource, parse_source
@@ -258,6 +266,35 @@ class DistillConfig(_Section):
         0, ge=0, description="the projectors from the student's width to the teacher's: 0, "
         "one linear layer (the student must hold the teacher's features up to a linear map); "
         "> 0, a GELU MLP this wide")
+    students: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="more students beside model.*, fed by the same "
+        "teacher forward (DINOv3's multi-distillation): a name (a folder name) -> model.* "
+        "overrides, e.g. {vit_t: {arch: vit_tiny}}; each has its own optimizer, EMA copy, "
+        "checkpoint section, students/<name>/teacher_backbone.safetensors and <name>/* "
+        "metrics; empty: the one student model.*")
+
+    @field_validator("students")
+    @classmethod
+    def _student_names(cls, students: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Each name is a folder of the run (``students/<name>/``), unique even where a
+        filesystem ignores case; each student's overrides are ``model.*`` settings."""
+        seen: dict[str, str] = {}
+        for name, overrides in students.items():
+            if not RUN_NAME.fullmatch(name) or len(name) > RUN_NAME_MAX:
+                raise ValueError(f"{name!r} is not a folder name: letters, digits, '_', '.' "
+                                 f"and '-' only, starting with a letter or digit, at most "
+                                 f"{RUN_NAME_MAX} characters")
+            if name.lower() in seen:
+                raise ValueError(f"{seen[name.lower()]!r} and {name!r} name one folder "
+                                 "(students/<name>/) where case is ignored; rename one")
+            seen[name.lower()] = name
+            if not isinstance(overrides, dict):
+                raise ValueError(f"{name}: a mapping of model.* settings, got {overrides!r}")
+            unknown = sorted(set(overrides) - set(ModelConfig.model_fields))
+            if unknown:
+                raise ValueError(f"{name}.{unknown[0]}: not a model.* setting; allowed: "
+                                 f"{', '.join(ModelConfig.model_fields)}")
+        return students
 
     @model_validator(mode="after")
     def _weights(self) -> DistillConfig:
@@ -509,6 +546,38 @@ def _check_distill(cfg: DinoConfig) -> None:
                              f"{name}={off}")
 
 
+def _check_resnet(cfg: DinoConfig, arch: str) -> None:
+    """The recipe's parts that need patch tokens or blocks are off for a ResNet-50."""
+    if cfg.model.arch != "resnet50":
+        return
+    for name, value, off in (("loss.ibot_weight", cfg.loss.ibot_weight, 0.0),
+                             ("gram.weight", cfg.gram.weight, 0.0),
+                             ("optim.layer_decay", cfg.optim.layer_decay, 1.0)):
+        if value != off:
+            raise ValueError(f"{name}={value:g} needs a ViT ({arch}=resnet50 has no patch "
+                             f"tokens or blocks); use {off:g}")
+
+
+def student_model(model: ModelConfig, overrides: dict[str, Any], name: str) -> ModelConfig:
+    """An extra student's ``model.*``: the run's, with ``train.distill.students.<name>``'s
+    overrides (a dinov2/dinov3 arch brings its own patch size unless one is given).
+
+    Raises:
+        ValueError: a bad value, naming ``train.distill.students.<name>.<key>``.
+    """
+    base = model.model_dump()
+    if str(overrides.get("arch", "")).startswith("dinov") and "patch_size" not in overrides:
+        base["patch_size"] = None
+    try:
+        return ModelConfig.model_validate({**base, **overrides})
+    except ValidationError as err:
+        e = err.errors()[0]
+        where = ".".join(str(p) for p in e["loc"])
+        got = f" (got {e['input']!r})" if e["type"] != "value_error" else ""
+        raise ValueError(f"train.distill.students.{name}{'.' + where if where else ''}: "
+                         f"{e['msg'].removeprefix('Value error, ')}{got}") from None
+
+
 class DinoConfig(_Section):
     run_name: str = Field("dino", description="same name = resume; the run's folder name")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -538,15 +607,15 @@ class DinoConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> DinoConfig:
-        if self.model.arch == "resnet50":  # the recipe's parts that need patch tokens or blocks
-            for name, value, off in (("loss.ibot_weight", self.loss.ibot_weight, 0.0),
-                                     ("gram.weight", self.gram.weight, 0.0),
-                                     ("optim.layer_decay", self.optim.layer_decay, 1.0)):
-                if value != off:
-                    raise ValueError(f"{name}={value:g} needs a ViT (model.arch=resnet50 "
-                                     f"has no patch tokens or blocks); use {off:g}")
+        _check_resnet(self, "model.arch")
         if self.train.distill.on:
             _check_distill(self)
+        if self.train.distill.students and not self.train.distill.on:
+            raise ValueError(f"train.distill.students={sorted(self.train.distill.students)} "
+                             "needs a teacher: set train.distill.teacher, or leave the "
+                             "students out")
+        for name, student in self.student_configs().items():  # each model.* validates
+            _check_resnet(student, f"train.distill.students.{name}.arch")
         batch, r = self.train.batch_size, self.ray
         for workers in range(r.min_workers, r.max_workers + 1):
             if not batch % workers:
@@ -564,5 +633,15 @@ class DinoConfig(_Section):
                 f"nearest allowed: {nearest}"
             )
         return self
+
+    def student_configs(self) -> dict[str, DinoConfig]:
+        """The extra students of distillation (``train.distill.students``), each as a run
+        config of its own: this one with the student's ``model.*`` and no extra students
+        (what its exported backbone file records)."""
+        d = self.train.distill
+        alone = self.train.model_copy(update={"distill": d.model_copy(update={"students": {}})})
+        return {name: self.model_copy(update={"model": student_model(self.model, o, name),
+                                              "train": alone})
+                for name, o in d.students.items()}
 
 

@@ -101,15 +101,16 @@ def objective(cfg: DinoConfig, world: int) -> DistillObjective:
     return DistillObjective(feature, dino, d.dino_weight)
 
 
-def check_head(cfg: DinoConfig, head: nn.Module | None) -> None:
-    """The student's head must have the teacher head's K (``model.out_dim``)."""
+def check_head(cfg: DinoConfig, head: nn.Module | None, setting: str = "model.out_dim") -> None:
+    """The student's head must have the teacher head's K (``model.out_dim``, or an extra
+    student's ``setting``)."""
     if head is None:
         return
     k = int(head.last_layer.weight.shape[0])
     if k != cfg.model.out_dim:
         raise ConfigError(f"{SETTING}={cfg.train.distill.teacher}: its DINO head has "
-                          f"{k} prototypes, model.out_dim={cfg.model.out_dim}; set "
-                          f"model.out_dim={k} for train.distill.objective="
+                          f"{k} prototypes, {setting}={cfg.model.out_dim}; set "
+                          f"{setting}={k} for train.distill.objective="
                           f"{cfg.train.distill.objective}")
 
 
@@ -123,6 +124,8 @@ def load(cfg: DinoConfig) -> tuple[nn.Module, nn.Module | None]:
                           "DINO or Meta DINOv2/v3 .pth")
     backbone, head = read_teacher(d.teacher, d.with_dino)
     check_head(cfg, head)
+    for name, student in cfg.student_configs().items():
+        check_head(student, head, f"train.distill.students.{name}.out_dim")
     return backbone, head
 
 
@@ -133,15 +136,21 @@ def build(cfg: DinoConfig, device: torch.device,
     backbone, head = load(cfg)
     frozen = FrozenTeacher(backbone, head)
     sha = frozen.sha256()  # of the weights as read, before any device or dtype move
+    student = build_student(cfg, frozen.embed_dim)
+    parts = Distillation(frozen.to(device), objective(cfg, world).to(device),
+                         cfg.train.distill.teacher, sha)
+    return student, ema_copy(student), parts
+
+
+def build_student(cfg: DinoConfig, teacher_dim: int) -> DistillStudent:
+    """``model.*`` with the projectors to the teacher's width ``teacher_dim`` (and a DINO
+    head), from the current seed; the run's student, or an extra one of its own config."""
     spec, d = network_spec(cfg), cfg.train.distill
     net = backbone_of(spec, spec.drop_path_rate)
-    dim = embed_dim_of(net)
-    student = DistillStudent(
-        net, None if d.objective == "dino" else frozen.embed_dim, d.projector_hidden_dim,
-        head=head_of(spec, dim) if d.with_dino else None,
+    return DistillStudent(
+        net, None if d.objective == "dino" else teacher_dim, d.projector_hidden_dim,
+        head=head_of(spec, embed_dim_of(net)) if d.with_dino else None,
         project_cls=d.cls_weight > 0, project_patches=d.patch_weight > 0)
-    parts = Distillation(frozen.to(device), objective(cfg, world).to(device), d.teacher, sha)
-    return student, ema_copy(student), parts
 
 
 def check(cfg: DinoConfig) -> str | None:

@@ -19,12 +19,10 @@ import torch
 
 from dino_core import NonFiniteLossError, train_step
 from dino_core.augment.full import full_image_views
-from dino_core.distill import train_step_distill
-from dino_core.interop.export import backbone_state_from_checkpoint, save_backbone
+from dino_core.distill import teach, train_step_distill
 from dino_core.step_recipe import train_step_recipe
 from service import data, storage
-from service.config import DinoConfig, backbone_meta, to_yaml
-from service.config.specs import run_metadata
+from service.config import DinoConfig, to_yaml
 from service.errors import DataError
 from service.storage import checkpoints as ckpt
 from service.tracking import Tracker
@@ -32,13 +30,12 @@ from service.train import distill
 from service.train.collectives import max_over_ranks, sum_over_ranks
 from service.train.context import RunContext
 from service.train.evaluation import knn_distributed
+from service.train.exports import export_backbone
 from service.train.init_from import apply_init_from
 from service.train.policies import Cadence, FaultInjector, NonFiniteGuard
 from service.train.progress import Progress, say
 from service.train.state import TrainState, seed_everything
 from service.train.stopping import Notice, Preempted, StopWatch
-
-BACKBONE_FILE = "teacher_backbone.safetensors"
 
 
 class Loop:
@@ -64,6 +61,7 @@ class Loop:
             tracker.set_tag("distill_teacher_sha256", s.distill.sha256)
         s.compile()
         self.model = ctx.wrap_model(s.student)  # only after restoring into the plain module
+        s.students.wrap(ctx.wrap_model)
         self.cadence = Cadence(cfg, niter)
         self.guard = NonFiniteGuard(cfg, s.defer_check, ctx.device, self._stopped, self._say)
         self.guard.skipped = s.skipped_steps
@@ -198,8 +196,10 @@ class Loop:
                           freeze_last_layer=s.epoch < self.cfg.optim.freeze_last_layer,
                           ema_params=s.ema_params, cfg=s.step_cfg, scaler=s.scaler,
                           clip_module=s.student)
-            if s.distill is not None:
-                out = train_step_distill(objective=s.distill.objective, **common)
+            if s.distill is not None:  # one teacher forward feeds every student
+                t = teach(teacher, crops, s.step_cfg.n_global)
+                out = train_step_distill(objective=s.distill.objective, targets=t, **common)
+                out.stats |= s.students.step(t, common)
             elif s.recipe_loss is None:  # DINO v1
                 out = train_step(loss_fn=s.loss_fn, **common)
             else:  # the DINOv2/DINOv3 recipe: masks of the global crops drawn on the host
@@ -305,15 +305,10 @@ class Loop:
             self._say(distill.unmoved(self.state.distill, self.state.global_step))
         if self.ctx.rank != 0:
             return
-        with tempfile.TemporaryDirectory(prefix="dino-export-") as d:
-            path = os.path.join(d, BACKBONE_FILE)
-            weights = backbone_state_from_checkpoint({"teacher": self.state.teacher.state_dict()})
-            save_backbone(path, weights, backbone_meta(self.cfg), run_metadata(self.cfg))
-            storage.makedirs(self.run_url)
-            # retried through an outage; kept on local disk (and named) if storage never returns
-            storage.upload_file(path, storage.join(self.run_url, BACKBONE_FILE))
-            self.tracker.log_artifact(path)
-            self.tracker.flush()
+        for folder, cfg, teacher in (("", self.cfg, self.state.teacher),
+                                     *self.state.students.exports()):  # train.distill.students
+            export_backbone(teacher, cfg, self.run_url, self.tracker, folder)
+        self.tracker.flush()
         if self.skipped_images:
             say(f"[dino] skipped {self.skipped_images} unreadable images "
                 "(failed loads over all epochs and workers; the paths are in the log)")

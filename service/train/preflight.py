@@ -77,6 +77,11 @@ def check_images(path: str, source: DataSource, cfg: DinoConfig, what: str,
 
 def _model_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
     """``model.depth: 4 -> 2``-style lines for the settings that fix the weights' shapes."""
+    return (_network_differences(saved, cfg) + _student_differences(saved, cfg)
+            + _students_differences(saved, cfg))
+
+
+def _network_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
     a, b = network_spec(saved), network_spec(cfg)
     out = []
     for key in a.__dataclass_fields__:
@@ -85,7 +90,17 @@ def _model_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
         if getattr(a, key) != getattr(b, key):
             name = "aug.global_size" if key == "img_size" else f"model.{key}"
             out.append(f"{name}: {getattr(a, key)} there, {getattr(b, key)} here")
-    return out + _student_differences(saved, cfg)
+    return out
+
+
+def _students_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:
+    """Distillation's extra students (``train.distill.students``): the same names, each of
+    the same model."""
+    a, b = saved.student_configs(), cfg.student_configs()
+    if sorted(a) != sorted(b):
+        return [f"train.distill.students: {sorted(a)} there, {sorted(b)} here"]
+    return [line.replace("model.", f"train.distill.students.{name}.", 1)
+            for name in a for line in _network_differences(a[name], b[name])]
 
 
 def _student_differences(saved: DinoConfig, cfg: DinoConfig) -> list[str]:

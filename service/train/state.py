@@ -43,6 +43,7 @@ from service.train.collectives import (
 )
 from service.train.context import RunContext
 from service.train.progress import say
+from service.train.students import Students
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -136,6 +137,10 @@ class TrainState:
         self.epoch, self.global_step, self.batch_in_epoch = 0, 0, 0
         self.skipped_steps = 0
         self.data_streams = 1  # loader streams of the epoch in progress (packed data)
+        # distillation's extra students, fed by the same teacher forward (own random state)
+        self.students = Students.build(cfg, self.device, world, self.distill,
+                                       fused=True if self.defer_check else None,
+                                       scaled=self.scaler is not None)
 
     @property
     def total_steps(self) -> int:
@@ -163,6 +168,8 @@ class TrainState:
             compile_backbone(self.teacher.backbone)
             if self.distill is not None:  # the frozen teacher: most of a step's FLOPs when large
                 compile_backbone(self.distill.teacher.backbone)
+        self.students.compile(self.cfg.train.activation_checkpointing,
+                              switch(self.cfg.train.compile, self.device))
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -173,6 +180,7 @@ class TrainState:
             **self.recipe_state(),
             # distillation: the frozen teacher's URI and hash (not its weights), the center
             **({"distill": self.distill.state_dict()} if self.distill is not None else {}),
+            **({"students": self.students.state_dict()} if self.students else {}),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
@@ -210,6 +218,8 @@ class TrainState:
         elif "distill" in s:
             raise CheckpointError(f"{where} is a distillation run's checkpoint: resume it "
                                   f"with train.distill.teacher={s['distill']['teacher_uri']}")
+        if self.students or "students" in s:  # train.distill.students, each by name
+            self.students.load_state_dict(s.get("students"), where)
         self.student.load_state_dict(s["student"], strict=True)
         self.teacher.load_state_dict(s["teacher"], strict=True)
         self.optimizer.load_state_dict(s["optimizer"])
