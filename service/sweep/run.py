@@ -176,7 +176,8 @@ def _tune(base: DinoConfig, spec: SweepSpec, record: SweepRecord, todo: list[int
         # objective) rather than stopping it
         stop=None if population else stopper, max_concurrent_trials=spec.max_concurrent,
         scheduler=schedulers.build(spec.scheduler, spec.space, spec.perturbation_interval,
-                                   spec.asha_grace, base.train.seed),
+                                   spec.asha_grace, base.train.seed,
+                                   at_once=len(todo) <= spec.max_concurrent),
         callbacks=[_recorder(trials, stopper)], raise_on_failed_trial=False,
         trial_name_creator=_run_name, trial_dirname_creator=_run_name,
         **storage_kwargs(storage.join(sweep_url, "tune")),

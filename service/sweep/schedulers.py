@@ -21,6 +21,10 @@ The PBT/PB2 settings and why each default is what it is:
   collapsed one (the collapse check's signals), and a collapsed trial should be replaced at
   the first chance.
 - ``synch=False`` (Ray's default): no trial waits for the slowest at each interval.
+- No time-sharing when the whole population runs at once (``--max-concurrent`` at least the
+  population): Ray's PBT pauses a trial at its interval whenever another one is pending,
+  to free room for it; after an exploit the copied trial is pending only until it restarts in
+  the room it just left, so that pause would cost a trial a restart (~10-30 s) for nothing.
 """
 
 from __future__ import annotations
@@ -136,10 +140,25 @@ def mutations(space: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def all_at_once(cls: type) -> type:
+    """``cls`` (PBT or PB2) that never pauses a trial to let a pending one run (its
+    ``on_trial_result``'s PAUSE becomes CONTINUE; an exploit's own pause is made inside and
+    stays)."""
+    from ray.tune.schedulers import TrialScheduler
+
+    class AllAtOnce(cls):
+        def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+            decision = super().on_trial_result(tune_controller, trial, result)
+            return TrialScheduler.CONTINUE if decision == TrialScheduler.PAUSE else decision
+
+    AllAtOnce.__name__ = AllAtOnce.__qualname__ = f"{cls.__name__}AllAtOnce"
+    return AllAtOnce
+
+
 def build(scheduler: str, space: dict[str, str], interval: int, asha_grace: int,
-          seed: int | None = None) -> Any:
+          seed: int | None = None, at_once: bool = False) -> Any:
     """The Tune scheduler (``tune.run`` gives it the objective, to maximise; see the
-    module's text for the defaults)."""
+    module's text for the defaults). ``at_once``: the whole population runs at once."""
     if scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
@@ -150,7 +169,8 @@ def build(scheduler: str, space: dict[str, str], interval: int, asha_grace: int,
     if scheduler == "pbt":
         from ray.tune.schedulers import PopulationBasedTraining
 
-        return PopulationBasedTraining(
+        cls = all_at_once(PopulationBasedTraining) if at_once else PopulationBasedTraining
+        return cls(
             **common, burn_in_period=0, hyperparam_mutations=mutations(space),
             resample_probability=RESAMPLE_PROBABILITY,
             perturbation_factors=PERTURBATION_FACTORS,
@@ -162,7 +182,7 @@ def build(scheduler: str, space: dict[str, str], interval: int, asha_grace: int,
             raise ConfigError(f"--scheduler pb2 needs GPy ({err}); install it with "
                               "`pip install 'dino-service[pbt]'`, or use --scheduler pbt") from None
         # PB2 picks new values by a GP bandit inside the bounds: no perturbation factors
-        return PB2(**common, hyperparam_bounds={k: list(v) for k, v in bounds(space).items()},
+        return (all_at_once(PB2) if at_once else PB2)(**common, hyperparam_bounds={k: list(v) for k, v in bounds(space).items()},
                    custom_explore_fn=record_values(space))
     raise ConfigError(f"--scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)}")
 
