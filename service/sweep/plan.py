@@ -9,13 +9,13 @@ command names (same space, same number of samples).
 
 from __future__ import annotations
 
-import copy
 import logging
 import random
 from dataclasses import asdict
 from typing import Any
 
 from service.config import DinoConfig, flatten, validate
+from service.config.value_changes import set_values
 from service.errors import ConfigError
 from service.sweep.record import FORMAT, RECORD, SweepRecord, checked, read_json, write_json
 from service.sweep.results import SweepSpec
@@ -30,14 +30,7 @@ DRIVER_SECTIONS = ("ray", "tracking", "storage")
 def trial_config(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     """``base`` with ``values`` (``{'optim.lr': 0.001}``) set, as data (values keep their
     type: no YAML round trip, which would read ``1e-05`` as a string)."""
-    data = copy.deepcopy(base)
-    for key, value in values.items():
-        *sections, leaf = key.split(".")
-        node = data
-        for s in sections:
-            node = node.setdefault(s, {})
-        node[leaf] = value
-    return data
+    return set_values(base, values)
 
 
 def new_plan(base: DinoConfig, spec: SweepSpec, sweep_url: str,
