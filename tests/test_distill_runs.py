@@ -294,3 +294,37 @@ def test_two_ranks_distil_as_one_rank_over_the_whole_batch(tmp_path, dino_teache
     for r in two:
         assert r["losses"][0] == pytest.approx(one["losses"][0], abs=1e-5)
         assert torch.allclose(r["center"], one["center"], atol=1e-6)
+
+
+@pytest.mark.budget(15)
+def test_init_from_starts_the_students_backbone_and_its_ema_copy(tmp_path, one_torch_thread):
+    """``train.init_from`` with distillation: the student's backbone and its EMA copy start
+    from the file (a backbone of the student's shape, as a small DINO run exports it); the
+    projectors start fresh and no center is read. A resumed run keeps its own weights."""
+    teacher = _teacher_file(tmp_path / "teacher.safetensors")
+    torch.manual_seed(11)
+    start = build_backbone("vit_tiny", 8, 16, depth=1)
+    init = save_backbone(tmp_path / "small.safetensors", start.state_dict(),
+                         {"arch": "vit_tiny", "patch_size": 8, "depth": 1, "img_size": 16})
+    from service.tracking import NullTracker
+    from service.train.context import InProcessContext
+    from service.train.loop import Loop
+
+    cfg = load_config(None, None, [*TINY, *FAST, f"train.distill.teacher={teacher}",
+                                   f"train.init_from={init}", "train.max_steps=2",
+                                   f"storage.root={tmp_path}", "run_name=warm",
+                                   "tracking.enabled=false"])
+    loop = Loop(cfg, InProcessContext(str(tmp_path / "warm")), str(tmp_path / "warm"),
+                NullTracker())
+    s = loop.state
+    for net in (s.student, s.teacher):
+        got = net.backbone.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in start.state_dict().items())
+    loop.run()
+    moved = s.student.backbone.state_dict()
+    assert not all(torch.equal(moved[k], v) for k, v in start.state_dict().items())
+    again = Loop(cfg, InProcessContext(str(tmp_path / "warm")), str(tmp_path / "warm"),
+                 NullTracker())  # its own checkpoint wins over init_from
+    assert again.restored_from is not None
+    assert all(torch.equal(again.state.student.backbone.state_dict()[k], v)
+               for k, v in moved.items())

@@ -533,13 +533,13 @@ RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 def _check_distill(cfg: DinoConfig) -> None:
     """Distillation runs its own objective on a plain student: the DINOv2 recipe's terms,
-    the packed multi-crop call, the fused head loss and ``init_from`` are not wired to it."""
+    the packed multi-crop call and the fused head loss are not wired to it (``init_from``
+    starts its student's backbone: ``apply_init_backbone``)."""
     for name, value, off in (("loss.ibot_weight", cfg.loss.ibot_weight, 0.0),
                              ("loss.koleo_weight", cfg.loss.koleo_weight, 0.0),
                              ("gram.weight", cfg.gram.weight, 0.0),
                              ("train.packed_crops", cfg.train.packed_crops, "off"),
-                             ("train.fused_head_loss", cfg.train.fused_head_loss, False),
-                             ("train.init_from", cfg.train.init_from, None)):
+                             ("train.fused_head_loss", cfg.train.fused_head_loss, False)):
         if value != off:
             raise ValueError(f"{name}={value} with train.distill.teacher: distillation has "
                              f"its own objective (train.distill.*) and does not use it; set "

@@ -183,6 +183,24 @@ def apply_init_from(uri: str, student: nn.Module, teacher: nn.Module,
             + "".join(f"; {n}" for n in notes) + "; a fresh schedule from step 0")
 
 
+def apply_init_backbone(uri: str, student: nn.Module, teacher: nn.Module) -> str:
+    """A distillation student started from ``uri``: its backbone and its EMA copy's take the
+    file's (the teacher's backbone where the file holds both), in place; its projectors and
+    head start fresh (they map to the frozen teacher's features, which the file knows
+    nothing of), and no center is loaded (distillation's center is the frozen teacher's).
+    Returns the line saying so."""
+    w = read_init_weights(uri)
+    notes: list[str] = []
+    backbone = w.backbones.get("teacher") or w.backbones["student"]
+    for net in (student, teacher):
+        _load(net.backbone, backbone, "backbone", uri, notes)
+    notes.extend(w.notes)
+    meta = _describe(lambda s: keys.describe(keys.backbone_meta(s)), backbone)
+    return (f"[dino] train.init_from {uri}: {w.what}, {meta}: loaded the backbone into the "
+            "distillation student and its EMA copy (projectors and head fresh, no center)"
+            + "".join(f"; {n}" for n in notes) + "; a fresh schedule from step 0")
+
+
 def check_init_from(uri: str) -> None:
     """The preflight's check: ``uri`` is a file that exists and reads as weights (a damaged
     or malicious file fails here, before Ray, not a minute into the run), or a checkpoint /

@@ -31,7 +31,7 @@ from service.train.collectives import max_over_ranks, sum_over_ranks
 from service.train.context import RunContext
 from service.train.evaluation import knn_distributed
 from service.train.exports import export_backbone
-from service.train.init_from import apply_init_from
+from service.train.init_from import apply_init_backbone, apply_init_from
 from service.train.policies import Cadence, FaultInjector, NonFiniteGuard
 from service.train.progress import Progress, say
 from service.train.state import TrainState, seed_everything
@@ -55,7 +55,9 @@ class Loop:
         self.state = s = TrainState(cfg, ctx, niter)
         self.restored_from = s.restore(run_url, ctx)
         if cfg.train.init_from and self.restored_from is None:  # resume wins over init_from
-            self._say(apply_init_from(cfg.train.init_from, s.student, s.teacher, s.loss_fn))
+            self._say(apply_init_backbone(cfg.train.init_from, s.student, s.teacher)
+                      if s.distill is not None else
+                      apply_init_from(cfg.train.init_from, s.student, s.teacher, s.loss_fn))
         if s.distill is not None:  # which weights taught this run, in its log and tracker
             self._say(f"[dino] distilling from {s.distill.uri} (SHA-256 {s.distill.sha256})")
             tracker.set_tag("distill_teacher_sha256", s.distill.sha256)
