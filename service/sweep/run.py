@@ -105,7 +105,12 @@ def run_sweep(base: DinoConfig, spec: SweepSpec, resume: bool = False) -> dict[s
     """Runs (or resumes) the sweep; returns the rows of the results table, best first."""
     base = resolve_paths(base)
     storage.configure(base.storage.retry_seconds, base.storage.spool_dir)
-    if not base.eval.knn_every_epochs:
+    every = base.eval.knn_every_epochs
+    if not every or (spec.scheduler != "asha" and spec.perturbation_interval % every):
+        # the objective at each of PBT's intervals (k-NN every 4 epochs and an interval of
+        # 1 would compare trials only every 4)
+        print(f"[dino] eval.knn_every_epochs={every} -> 1: the sweep's objective is measured "
+              "every epoch", flush=True)
         base = validate(apply_overrides(base.model_dump(mode="json"), ["eval.knn_every_epochs=1"]))
     check_space(base, spec.space)
     sweep_url = storage.join(base.storage.root, spec.name)
