@@ -4,6 +4,8 @@ gives, step for step, the losses of a run that was never stopped."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,6 +18,8 @@ from service.storage import checkpoints as ckpt
 from service.train import stopping
 from service.train.context import InProcessContext
 from service.train.loop import Loop
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class NoticeAt(LossRecorder):
@@ -111,3 +115,43 @@ def test_an_elastic_range_on_packed_data_is_refused_before_ray(tmp_path):
         "ray.num_workers=2-4", "train.batch_size=12"]))
     with pytest.raises(ConfigError, match="ray.num_workers=2-4 with the packed dataset"):
         preflight(cfg, str(tmp_path / "runs" / "x"))
+
+
+_MAIN_THREAD_BUSY = """
+import signal, threading, time
+from service.train import stopping
+
+stopping.install_sigterm_handler()
+seen = {}
+
+def training_thread():
+    import os
+    main_blocked.wait()
+    os.kill(os.getpid(), signal.SIGTERM)
+    until = time.monotonic() + 2
+    while time.monotonic() < until and not stopping.sigterm_seen():
+        time.sleep(0.01)
+    seen["pipe"], seen["main_awake"] = stopping.sigterm_seen(), main_awake
+
+main_awake, main_blocked = False, threading.Event()
+thread = threading.Thread(target=training_thread)
+thread.start()  # before the mask: a thread inherits its maker's
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # delivered to the thread, then
+main_blocked.set()
+time.sleep(3)  # the main thread in C the whole time, as Ray's task loop
+main_awake = True
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+thread.join()
+print(seen["pipe"], seen["main_awake"], stopping.SIGTERM_SEEN.is_set())
+"""
+
+
+def test_a_sigterm_is_seen_while_the_main_thread_runs_no_python():
+    """The signal reaches the training thread's process while the main thread is in C code
+    (a Ray worker's task loop): Python would run the handler only when the main thread runs
+    Python again; the wakeup pipe shows it to the training thread at once (a CI run trained
+    760 steps past a SIGTERM before this)."""
+    out = subprocess.run([sys.executable, "-c", _MAIN_THREAD_BUSY], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "False", "True"], out.stdout + out.stderr[-2000:]

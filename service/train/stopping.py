@@ -20,6 +20,7 @@ same one that checks for unreadable batches), which is what lets them checkpoint
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -50,11 +51,45 @@ class Notice(IntEnum):
     LEAVE = 3  # SIGTERM to a worker: checkpoint and leave
 
 
+_wakeup_fd: int | None = None  # the read end of the pipe the interpreter writes signals to
+
+
 def install_sigterm_handler() -> None:
     """Runs on a training worker's main thread (the only one that may set handlers; the
     training function runs in another): a SIGTERM is noted, the loop checkpoints at its
-    next step and leaves, instead of Ray's handler ending the process at once."""
+    next step and leaves, instead of Ray's handler ending the process at once.
+
+    Python runs a handler only when the main thread next runs Python code, and a Ray
+    worker's main thread may sit in Ray's C++ task loop for as long as the run lasts (a CI
+    run trained 760 steps past a SIGTERM that was never handled). So the signal is also read
+    where it lands at once: ``signal.set_wakeup_fd``'s pipe, written by the interpreter's C
+    handler on arrival, which the training thread reads (``sigterm_seen``)."""
+    global _wakeup_fd
     signal.signal(signal.SIGTERM, lambda signum, frame: SIGTERM_SEEN.set())
+    if _wakeup_fd is not None:
+        return
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if previous != -1:  # another's pipe (an event loop's): it stays, the handler alone tells
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+        return
+    _wakeup_fd = read
+
+
+def sigterm_seen() -> bool:
+    """True once this process got a SIGTERM: its handler ran, or the wakeup pipe holds it."""
+    if not SIGTERM_SEEN.is_set() and _wakeup_fd is not None:
+        try:
+            arrived = os.read(_wakeup_fd, 4096)  # one byte per signal, its number
+        except BlockingIOError:
+            arrived = b""
+        if signal.SIGTERM in arrived:
+            SIGTERM_SEEN.set()
+    return SIGTERM_SEEN.is_set()
 
 
 def stop_marker(run_url: str) -> str:
@@ -128,7 +163,7 @@ class StopWatch:
 
     def local(self, step: int) -> Notice:
         notice = Notice.NONE
-        if SIGTERM_SEEN.is_set():
+        if sigterm_seen():
             self.reason, notice = "SIGTERM to a training worker", Notice.LEAVE
         if step % self.every:
             return notice
