@@ -68,23 +68,25 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 
 
 # ---------------------------------------------------------------------------- two lanes
-# The suite runs in two pytest-xdist workers (pyproject's addopts: ``-n 2 --dist loadgroup``):
-# every module with a test marked integration goes whole to one lane, in one worker, where
-# its tests run one after another as before (the session's S3 and MLflow servers, the Ray
-# clusters, the module fixtures: each started once); the other modules go whole (their
-# module fixtures computed once) to whichever worker is free. The integration lane waits
-# on its services much of the time (measured: 41-63% of the machine's CPU idle during the
-# sweep and storage-outage tests), and the unit tests fill that time. ``-n 0`` runs one
-# process, as before.
-INTEGRATION_LANE = "integration"
+# The suite runs in two pytest-xdist workers (pyproject's addopts: ``-n 2 --dist loadgroup
+# --no-loadscope-reorder``: xdist would otherwise order the modules by their number of tests),
+# each module whole on one worker: its tests run one after another there, its module fixtures
+# (a Ray cluster, a trained run) are made once. Integration modules wait on their services
+# much of the time (measured: 41-63% of the machine's CPU idle during the sweep and
+# storage-outage tests), so two modules share the two cores. ``-n 0`` runs one process.
+# The modules with integration tests go first: the long ones start early, and the short ones
+# even out the two workers' ends. The groups must be on the items before xdist's own hook
+# reads them, hence ``tryfirst``: without it, the CI run of stop 32's commits spread one
+# module's tests over both workers and built a module's cluster twice.
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    mixed = {item.module.__name__ for item in items
-             if item.get_closest_marker("integration") is not None}
+    slow = {item.module.__name__ for item in items
+            if item.get_closest_marker("integration") is not None}
+    items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: in-module order kept
     for item in items:
-        lane = INTEGRATION_LANE if item.module.__name__ in mixed else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(lane))
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def _ray_running() -> bool:
