@@ -74,17 +74,15 @@ def pytest_runtest_makereport(item: pytest.Item, call):
 # (a Ray cluster, a trained run) are made once. Integration modules wait on their services
 # much of the time (measured: 41-63% of the machine's CPU idle during the sweep and
 # storage-outage tests), so two modules share the two cores. ``-n 0`` runs one process.
-# The modules with integration tests go first: the long ones start early, and the short ones
-# even out the two workers' ends. The groups must be on the items before xdist's own hook
-# reads them, hence ``tryfirst``: without it, the CI run of stop 32's commits spread one
-# module's tests over both workers and built a module's cluster twice.
+# The modules go in collection order, so that integration and unit modules alternate (the
+# integration modules first made both workers wait on services at once: two tests over
+# their budgets on a loaded machine). The groups must be on the items before xdist's own
+# hook reads them, hence ``tryfirst``: without it, the CI run of stop 32's commits spread
+# one module's tests over both workers and built a module's cluster twice.
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    slow = {item.module.__name__ for item in items
-            if item.get_closest_marker("integration") is not None}
-    items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: in-module order kept
     for item in items:
         item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
