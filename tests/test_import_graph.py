@@ -2,8 +2,8 @@
 
 Every import counts, also one inside a function: a lazy import is a dependency all the same.
 Layers, top to bottom (a module may import its own package and anything lower):
-cli; sweep; train and evaluate; data, models, cluster and devtools; config, storage and tracking;
-errors; dino_core.
+cli; sweep and search; train, evaluate and embed; data, models, cluster and devtools; config,
+storage and tracking; errors; dino_core.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "service.cli": 6,
-    "service.sweep": 5,
-    "service.train": 4, "service.evaluate": 4,
+    "service.sweep": 5, "service.search": 5,
+    "service.train": 4, "service.evaluate": 4, "service.embed": 4,
     "service.data": 3, "service.models": 3, "service.cluster": 3, "service.devtools": 3,
     "service.config": 2, "service.storage": 2, "service.tracking": 2,
     "service.errors": 1, "service": 1,

@@ -1,0 +1,279 @@
+"""``dino embed`` (issue 26): the vectors equal the k-NN evaluation's features of the same
+images and checkpoint; bad input is one ``dino:`` line before Ray; and, on the module's Ray
+cluster, a job's Parquet parts and manifest (read back by pyarrow and Ray Data), an unreadable
+image counted and listed, a job killed after its first part resumed with no duplicate and no
+gap, ``--incremental`` adding only new images, and a packed set in S3 embedded into S3."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_reliability_faults import kill_group
+from test_service_train import dino
+
+from dino_core.data.procedural import write_image_folder
+from dino_core.eval import extract_features
+from service import data
+from service.cli.main import main
+from service.embed import check_inputs, embed_files
+from service.embed.output import read_manifest, write_manifest
+from service.evaluate.knn import eval_image_size, labeled_split
+from service.evaluate.settings import eval_settings
+from service.models.backbones import load_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+MANIFEST_KEYS = {"format", "complete", "count", "dim", "features", "dtype", "checkpoint",
+                 "data", "image_size", "settings", "parts", "skipped"}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """48 procedural images (3 class folders, 24 px PNGs) and one that is not an image."""
+    root = tmp_path_factory.mktemp("embed") / "imgs"
+    write_image_folder(root, 48, 24, 3, 0, masks=False)
+    (root / "01_square" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    return root
+
+
+def eval_features(checkpoint: str, path: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """``key -> (feature, label)`` as ``dino eval knn`` computes them (its split, its side,
+    its loader and ``extract_features``), keyed by the path relative to ``path``."""
+    model, file_cfg = load_backbone(checkpoint)
+    cfg = eval_settings(checkpoint, file_cfg).cfg
+    ds = labeled_split(str(path), eval_image_size(None, cfg, model), cfg, True)
+    feats, labels = extract_features(model, data.eval_loader(ds, 128, 0))
+    keys = [os.path.relpath(p, path) for p, _ in ds.samples if not p.endswith("broken.png")]
+    return {k: (f, int(y)) for k, f, y in zip(keys, feats.numpy(), labels.numpy())}
+
+
+def rows(out: Path) -> tuple[list[str], list[int | None], np.ndarray]:
+    """``(keys, labels, embeddings)`` of every part under ``out``, read with pyarrow."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    tables = [pq.read_table(out / p["file"]) for p in manifest["parts"]]
+    keys = [k for t in tables for k in t.column("key").to_pylist()]
+    labels = [y for t in tables for y in t.column("label").to_pylist()]
+    emb = [np.asarray(e, np.float32) for t in tables for e in t.column("embedding").to_pylist()]
+    return keys, labels, np.stack(emb)
+
+
+@pytest.mark.budget(10)  # 0.6 s measured
+def test_embed_files_gives_the_knn_evaluation_features(random_quickstart_checkpoint, folder,
+                                                       tmp_path, one_torch_thread):
+    checked = check_inputs(random_quickstart_checkpoint, str(folder), str(tmp_path / "out"))
+    expected = eval_features(random_quickstart_checkpoint, folder)
+    keys = sorted(expected)
+    got = embed_files(checked.plan.manifest, [str(folder / k) for k in keys])
+    assert got.dtype == np.float32 and got.shape == (len(keys), checked.spec.dim)
+    np.testing.assert_allclose(got, np.stack([expected[k][0] for k in keys]), atol=1e-5)
+    # the other features: cls+mean starts with the same direction, the grid is the side's
+    mean = check_inputs(random_quickstart_checkpoint, str(folder), str(tmp_path / "o2"),
+                        "cls+mean")
+    both = embed_files(mean.plan.manifest, [str(folder / keys[0])])[0]
+    assert mean.spec.dim == 2 * checked.spec.dim
+    cls = both[:checked.spec.dim] / np.linalg.norm(both[:checked.spec.dim])
+    np.testing.assert_allclose(cls, expected[keys[0]][0], atol=1e-5)
+    patch = check_inputs(random_quickstart_checkpoint, str(folder), str(tmp_path / "o3"),
+                         "patch")
+    side = checked.spec.image_size
+    assert patch.spec.grid == (side // 8, side // 8) and patch.spec.dtype == "float16"
+
+
+@pytest.mark.budget(10)  # 0.2 s measured
+def test_bad_input_is_one_line_before_ray(random_quickstart_checkpoint, folder, tmp_path,
+                                          capsys):
+    complete = tmp_path / "complete"
+    checked = check_inputs(random_quickstart_checkpoint, str(folder), str(complete))
+    write_manifest(str(complete), {**checked.plan.manifest, "complete": True, "count": 48})
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    good = ["--checkpoint", random_quickstart_checkpoint, "--data", str(folder)]
+    cases = {
+        "missing data": (["--checkpoint", random_quickstart_checkpoint, "--data",
+                          str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")], "nowhere"),
+        "bad checkpoint": (["--checkpoint", str(junk), "--data", str(folder), "--out",
+                            str(tmp_path / "o")], "junk.safetensors"),
+        "missing checkpoint": (["--checkpoint", str(tmp_path / "no-run"), "--data",
+                                str(folder), "--out", str(tmp_path / "o")], "no-run"),
+        "bad features": ([*good, "--out", str(tmp_path / "o"), "--features", "gem"],
+                         "--features must be one of cls, cls+mean, patch"),
+        "complete out": ([*good, "--out", str(complete)], "--incremental"),
+    }
+    for name, (argv, said) in cases.items():
+        code = main(["embed", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0, name
+        assert len(err) == 1 and err[0].startswith("dino: ") and said in err[0], (name, err)
+    assert not (tmp_path / "o").exists()  # nothing was written for any of them
+
+
+# ------------------------------------------------------------------ on a Ray cluster
+# The job is a Ray Data pipeline (CPU tasks and an actor pool): these need Ray. They share
+# the module's cluster, which each `dino embed` joins with --address.
+
+
+def ray_lines(run: subprocess.CompletedProcess) -> list[str]:
+    """stderr lines that are not ours. Ray 2.60's core worker says of every actor of a Ray
+    Data actor pool that it "has constructor arguments in the object store and max_restarts >
+    0" (ray-project/ray#57733, an actor handle Ray Data passes; gone in later Ray): not ours
+    to silence, so left out here."""
+    return [ln for ln in run.stderr.splitlines() if not ln.startswith("[dino] ")
+            and "constructor arguments in the object store" not in ln]
+
+
+def embed(module_ray, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    if not check:
+        return subprocess.run([sys.executable, "-m", "service.cli", "embed", *args,
+                               "--address", module_ray.address], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    return dino("embed", *args, "--address", module_ray.address, timeout=300)
+
+
+@pytest.mark.integration
+@pytest.mark.budget(45)  # 25 s measured, the module's S3 and Ray included
+def test_the_job_writes_the_evaluation_features_to_parquet(random_quickstart_checkpoint,
+                                                           folder, module_ray, tmp_path):
+    out = tmp_path / "out"
+    run = embed(module_ray, "--checkpoint", random_quickstart_checkpoint, "--data",
+                str(folder), "--out", str(out), "--part-rows", "16")
+    last = run.stdout.strip().splitlines()[-1]
+    assert "embedded 48 images" in last and "1 unreadable skipped" in last, run.stdout
+    assert ray_lines(run) == [], run.stderr  # quiet: only our lines
+    assert "[dino] embed: 49/49 images" in run.stderr  # the progress line, at the end
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest) == MANIFEST_KEYS
+    assert manifest["complete"] is True and manifest["count"] == 48
+    assert manifest["features"] == "cls" and manifest["dtype"] == "float32"
+    assert [p["rows"] for p in manifest["parts"]] == [16, 16, 16]
+    assert [s["key"] for s in manifest["skipped"]] == ["01_square/broken.png"]
+
+    keys, labels, emb = rows(out)
+    expected = eval_features(random_quickstart_checkpoint, folder)
+    assert sorted(keys) == sorted(expected) and len(set(keys)) == 48
+    assert labels == [expected[k][1] for k in keys]
+    np.testing.assert_allclose(emb, np.stack([expected[k][0] for k in keys]), atol=1e-5)
+
+    import ray
+
+    ray.init(address=module_ray.address, log_to_driver=False)
+    try:
+        ds = ray.data.read_parquet(str(out))
+        back = ds.take_all()
+    finally:
+        ray.shutdown()
+    assert sorted(r["key"] for r in back) == sorted(keys)
+    assert all(len(r["embedding"]) == manifest["dim"] for r in back)
+
+
+@pytest.mark.integration
+@pytest.mark.budget(40)  # 23 s measured
+def test_a_job_killed_after_its_first_part_resumes_with_no_duplicate_or_gap(
+        random_quickstart_checkpoint, folder, module_ray, tmp_path):
+    # a side of 128 px (256 patches) makes the 6 parts of 8 rows take a few seconds, so that
+    # the kill lands while parts are still to come
+    args = ["--checkpoint", random_quickstart_checkpoint, "--data", str(folder),
+            "--part-rows", "8", "--batch-size", "8", "--image-size", "128"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "embed", *args, "--out", str(killed),
+         "--address", module_ray.address], cwd=REPO, env={**os.environ, "RAY_ADDRESS": ""},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (killed / "part-00000.parquet").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "no part within 120 s"
+        time.sleep(0.01)
+    kill_group(proc)
+    left = read_manifest(str(killed))
+    parts = sorted(p.name for p in killed.glob("part-*.parquet"))
+    assert left["complete"] is False and 1 <= len(parts) < 6, (left, parts)  # killed mid-job
+
+    again = embed(module_ray, *args, "--out", str(killed))
+    assert "resuming" in again.stderr and "embedded" in again.stdout
+    keys, labels, emb = rows(killed)
+    assert len(keys) == len(set(keys)) == 48  # no duplicate, no gap
+    manifest = read_manifest(str(killed))
+    # the rows of an uninterrupted job: embed_files computes them (the first test shows
+    # that a job's rows are embed_files' and the evaluation's)
+    expected = eval_features(random_quickstart_checkpoint, folder)
+    assert sorted(keys) == sorted(expected) and labels == [expected[k][1] for k in keys]
+    np.testing.assert_allclose(emb, embed_files(manifest, [str(folder / k) for k in keys]),
+                               atol=1e-6)
+    assert manifest["complete"] and manifest["count"] == 48
+    assert sorted(p["file"] for p in manifest["parts"]) == sorted(
+        p.name for p in killed.glob("part-*.parquet"))
+
+
+@pytest.mark.integration
+@pytest.mark.budget(40)  # 27 s measured
+def test_incremental_embeds_only_the_new_images(random_quickstart_checkpoint, folder,
+                                                module_ray, tmp_path):
+    src = tmp_path / "grow"
+    shutil.copytree(folder, src, ignore=shutil.ignore_patterns("broken.png", "00001*"))
+    before = sorted(str(p.relative_to(src)) for p in src.rglob("*.png"))
+    args = ["--checkpoint", random_quickstart_checkpoint, "--data", str(src), "--out",
+            str(tmp_path / "out")]
+    first = embed(module_ray, *args)
+    assert f"embedded {len(before)} images" in first.stdout
+    part0 = (tmp_path / "out" / "part-00000.parquet").read_bytes()
+
+    refused = embed(module_ray, *args, check=False)
+    err = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(err) == 1 and "--incremental" in err[0], err
+
+    for p in folder.rglob("00001*.png"):  # the images left out, as new files
+        shutil.copy(p, src / p.relative_to(folder))
+    added = embed(module_ray, *args, "--incremental")
+    new = sorted(set(str(p.relative_to(src)) for p in src.rglob("*.png")) - set(before))
+    assert new and f"embedded {len(new)} images" in added.stdout, added.stdout
+    keys, _, _ = rows(tmp_path / "out")
+    assert sorted(keys) == sorted(before + new) and len(keys) == len(set(keys))
+    assert (tmp_path / "out" / "part-00000.parquet").read_bytes() == part0  # untouched
+    assert read_manifest(str(tmp_path / "out"))["count"] == len(before) + len(new)
+
+
+@pytest.mark.integration
+@pytest.mark.budget(45)  # 29 s measured
+def test_a_packed_set_in_s3_gives_patch_grids_in_s3(random_quickstart_checkpoint, folder,
+                                                    module_ray, s3_server, tmp_path):
+    import fsspec
+
+    from service.data.pack import pack
+
+    bucket = s3_server.new_bucket("embed")
+    packed, out = f"s3://{bucket}/packed", f"s3://{bucket}/emb"
+    pack(str(folder), packed, 2**14, parallel=False)
+    run = embed(module_ray, "--checkpoint", random_quickstart_checkpoint, "--data", packed,
+                "--out", out, "--features", "patch", "--part-rows", "20")
+    assert "patch grids take 48 x 16 tokens x 192 x 2 bytes = 294.9 kB" in run.stderr, \
+        run.stderr
+    assert "embedded 48 images" in run.stdout and "0 unreadable skipped" in run.stdout
+    manifest = read_manifest(out)
+    assert manifest["dtype"] == "float16" and manifest["settings"]["grid"] == [4, 4]
+    assert [p["rows"] for p in manifest["parts"]] == [20, 20, 8]
+    fs = fsspec.filesystem("s3")
+    tables = [pq.read_table(fs.open(f"{bucket}/emb/{p['file']}")) for p in manifest["parts"]]
+    column = tables[0].schema.field("embedding").type
+    assert pa.types.is_list(column) and pa.types.is_float16(column.value_type)
+    keys = [k for t in tables for k in t.column("key").to_pylist()]
+    assert len(set(keys)) == 48 and all(k.endswith(".png") and len(k) == 13 for k in keys)
+    labels = sorted(y for t in tables for y in t.column("label").to_pylist())
+    assert labels == sorted(y for _, y in eval_features(random_quickstart_checkpoint,
+                                                       folder).values())
+    # each row is the grid of one of the folder's images, as embed_files computes it
+    files = sorted(str(p) for p in folder.rglob("*.png") if p.name != "broken.png")
+    local = embed_files(manifest, files)
+    got = np.stack([np.asarray(e, np.float32) for t in tables
+                    for e in t.column("embedding").to_pylist()])
+    assert got.shape == (48, 16 * 192)
+    nearest = np.abs(got[:, None, :] - local[None, :, :]).max(axis=2).min(axis=1)
+    assert nearest.max() < 1e-3
