@@ -23,7 +23,7 @@ def in_spread(r: dict, key: str) -> bool:
 
 
 @pytest.mark.integration  # a whole benchmark program with its own local Ray
-@pytest.mark.budget(80)  # 56 s measured (load average 2-3)
+@pytest.mark.budget(200)  # 56 s alone (load average 2-3), 101.6 s in the two-lane suite
 def test_embed_benchmark_prints_every_side_the_ratios_and_the_resume(tmp_path):
     out = subprocess.run([sys.executable, "bench/embed.py", "--ci", "--work", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -77,6 +77,7 @@ def test_cli_evaluates_and_exports_a_run_folder(run_folder, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("dino: ") and ckpt.RAY_SNAPSHOT in err[0]
 
 
+@pytest.mark.budget(30)  # 13.3 s in the two-lane suite, beside an integration module
 def test_a_new_run_resumes_from_another_runs_folder(tmp_path, one_torch_thread):
     from service.tracking import NullTracker
     from service.train.context import InProcessContext
