@@ -48,6 +48,10 @@ def test_preset_file_and_overrides_in_order(tmp_path):
         ("storage.root=ftp://host/x", "storage.root", "unknown storage scheme 'ftp'"),
         ("train.precision=fp8", "train.precision", "'auto', 'fp32', 'bf16' or 'fp16'"),
         ("aug.local_size=300", "aug", "local_size (300) must be <= global_size (224)"),
+        ("train.register_model=team/dino", "train.register_model", "no '/' or ':'"),
+        ("train.register_model=..", "train.register_model", "not only dots"),
+        ("tracking.system_metrics_interval_s=0.5", "tracking.system_metrics_interval_s",
+         "greater than or equal to 1"),
     ],
 )
 def test_invalid_values_name_field_and_allowed(override, field, allowed):
@@ -55,6 +59,16 @@ def test_invalid_values_name_field_and_allowed(override, field, allowed):
         load_config(None, None, [override])
     msg = str(e.value)
     assert f"{field}:" in msg and allowed in msg, msg
+
+
+def test_registering_a_model_needs_tracking():
+    """The name is only used when the run ends: refused when the config is read."""
+    assert load_config().train.register_model is None and load_config().tracking.system_metrics
+    assert load_config(None, None, ["train.register_model=dino-vits"]).train.register_model == (
+        "dino-vits")
+    with pytest.raises(ConfigError, match=r"config: train.register_model=dino-vits registers in "
+                       r"MLflow's Model Registry: it needs tracking.enabled=true"):
+        load_config(None, None, ["train.register_model=dino-vits", "tracking.enabled=false"])
 
 
 def test_batch_not_divisible_by_workers():

@@ -2,13 +2,17 @@
 images and checkpoint; bad input is one ``dino:`` line before Ray; and, on the module's Ray
 cluster, a job's Parquet parts and manifest (read back by pyarrow and Ray Data), an unreadable
 image counted and listed, a job killed after its first part resumed with no duplicate and no
-gap, ``--incremental`` adding only new images, and a packed set in S3 embedded into S3."""
+gap, ``--incremental`` adding only new images, a packed set in S3 embedded into S3, a plain folder
+in S3 with its class labels, and ``dino neighbours`` over a job's vectors finding a planted
+near-duplicate image."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 from test_reliability_faults import kill_group
 from test_service_train import dino
 
@@ -26,10 +31,12 @@ from dino_core.eval import extract_features
 from service import data
 from service.cli.main import main
 from service.embed import check_inputs, embed_files
+from service.embed.decode import decode_files
 from service.embed.output import read_manifest, write_manifest
-from service.evaluate.knn import eval_image_size, labeled_split
+from service.errors import ConfigError, StorageError
+from service.evaluate.knn import labeled_split
 from service.evaluate.settings import eval_settings
-from service.models.backbones import load_backbone
+from service.models.backbones import eval_image_size, load_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFEST_KEYS = {"format", "complete", "count", "dim", "features", "dtype", "checkpoint",
@@ -114,6 +121,21 @@ def test_bad_input_is_one_line_before_ray(random_quickstart_checkpoint, folder, 
         assert code != 0, name
         assert len(err) == 1 and err[0].startswith("dino: ") and said in err[0], (name, err)
     assert not (tmp_path / "o").exists()  # nothing was written for any of them
+
+
+@pytest.mark.budget(10)  # 0.1 s measured
+def test_embed_and_the_evaluations_take_one_image_size_rule(random_quickstart_checkpoint,
+                                                            folder, tmp_path):
+    model, cfg = load_backbone(random_quickstart_checkpoint)  # ViT-T/8, eval.image_size 32
+    assert eval_image_size(None, cfg, model) == cfg.eval.image_size == 32  # the run's
+    assert eval_image_size(None, None, model) == 224  # a file without run settings
+    assert eval_image_size(8, cfg, model) == 8  # one patch is enough
+    for side, said in ((0, "must be at least 1, got 0"),  # 0 is refused, not "the default"
+                       (7, "--image-size 7 is smaller than one patch of the backbone (8 px)")):
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            eval_image_size(side, cfg, model)
+    with pytest.raises(ConfigError, match="smaller than one patch"):  # the job's own check
+        check_inputs(random_quickstart_checkpoint, str(folder), str(tmp_path), image_size=7)
 
 
 # ------------------------------------------------------------------ on a Ray cluster
@@ -286,3 +308,89 @@ def test_a_packed_set_in_s3_gives_patch_grids_in_s3(random_quickstart_checkpoint
     assert got.shape == (48, 16 * 192)
     nearest = np.abs(got[:, None, :] - local[None, :, :]).max(axis=2).min(axis=1)
     assert nearest.max() < 1e-3
+
+
+@pytest.mark.integration  # the job is a Ray Data pipeline: on the module's Ray cluster
+@pytest.mark.budget(45)  # 12 s in the module, 21 s alone (the cluster's start included)
+def test_a_plain_folder_in_s3_is_embedded_with_its_class_labels(random_quickstart_checkpoint,
+                                                               folder, module_ray, s3_server,
+                                                               tmp_path):
+    import fsspec
+
+    bucket = s3_server.new_bucket("plain")
+    fs = fsspec.filesystem("s3")
+    picked = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png")
+                    if p.name != "broken.png")[::4]  # 12 images of the three classes
+    for key in picked:
+        fs.put_file(str(folder / key), f"{bucket}/imgs/{key}")
+    url = f"s3://{bucket}/imgs/"
+    run = embed(module_ray, "--checkpoint", random_quickstart_checkpoint, "--data", url,
+                "--out", str(tmp_path / "out"), "--part-rows", "5")
+    assert "embedded 12 images" in run.stdout and "0 unreadable skipped" in run.stdout, \
+        run.stdout
+    keys, labels, emb = rows(tmp_path / "out")
+    assert sorted(keys) == picked and len(keys) == 12  # keys: paths below the prefix
+    expected = eval_features(random_quickstart_checkpoint, folder)  # the local folder's
+    assert labels == [expected[k][1] for k in keys] and set(labels) == {0, 1, 2}
+    np.testing.assert_allclose(emb, np.stack([expected[k][0] for k in keys]), atol=1e-5)
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert manifest["data"] == url and [p["rows"] for p in manifest["parts"]] == [5, 5, 2]
+    assert manifest["settings"]["classes"] == ["00_circle", "01_square", "02_triangle"]
+
+
+@pytest.mark.integration  # moto's S3 server, in a process of its own
+@pytest.mark.budget(10)  # 0.2 s in the module, 1.7 s alone (the S3 server's start included)
+def test_an_object_gone_since_the_listing_is_skipped_and_an_outage_is_not(folder, s3_server,
+                                                                          monkeypatch):
+    import fsspec
+
+    bucket = s3_server.new_bucket("gone")
+    key = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))[0]
+    fsspec.filesystem("s3").put_file(str(folder / key), f"{bucket}/imgs/{key}")
+    batch = {"key": np.array([key, "00_circle/gone.png"], dtype=object),
+             "label": np.array([0, 0])}
+    (out,) = decode_files(batch, f"s3://{bucket}/imgs", 32)  # a decode task, in process
+    assert list(out["key"]) == [key, "00_circle/gone.png"]
+    assert out["error"][0] == "" and out["image"][0].any()
+    assert out["error"][1].startswith("FileNotFoundError")  # listed, as a local file's is
+    # storage that stays down is no unreadable image: the task fails (the job resumes later)
+    from service.storage import retry
+
+    with socket.socket() as closed:  # a port of ours that does not listen: refused at once
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries: 9 s
+        monkeypatch.setattr(retry, "_settings", retry.StorageSettings(retry_seconds=0.0))
+        with pytest.raises(StorageError, match="storage.retry_seconds"):
+            next(decode_files(batch, f"s3://{bucket}/imgs", 32))
+
+
+@pytest.mark.integration  # the job is a Ray Data pipeline: on the module's Ray cluster
+@pytest.mark.budget(40)  # 18 s in the module and alone, the cluster's teardown included
+def test_neighbours_of_an_image_over_a_jobs_vectors_put_its_planted_copy_second(
+        random_quickstart_checkpoint, module_ray, tmp_path):
+    """40 distinct procedural images and one edited copy of one of them, embedded by the job
+    with the random-weights checkpoint (ViT-T/8 at 32 px): tried on all 40 images of this
+    set and of seed 0, each one's copy was its nearest other row, by a cosine margin of
+    0.02 or more (image 7: 0.068), far above the 1e-5 that separates runs."""
+    root = tmp_path / "imgs"
+    write_image_folder(root, 40, 64, 3, 1, masks=False)
+    query = sorted(root.rglob("*.png"))[7]
+    # the copy: 6 levels brighter, re-encoded as JPEG at quality 70
+    pixels = np.asarray(Image.open(query).convert("RGB"), np.int16) + 6
+    copy = query.with_name(f"copy_{query.stem}.jpg")
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(copy, quality=70)
+    out = tmp_path / "out"
+    embed(module_ray, "--checkpoint", random_quickstart_checkpoint, "--data", str(root),
+          "--out", str(out))
+    assert read_manifest(str(out))["count"] == 41
+    # faiss (if installed) only in a process of its own: see tests/test_search.py
+    run = dino("neighbours", "--embeddings", str(out), "--query", str(query), "-k", "5",
+               "--json", timeout=120)
+    doc = json.loads(run.stdout)
+    assert doc["query"]["kind"] == "image"  # a file, embedded by embed_files
+    found = [(n["key"], n["cosine"]) for n in doc["neighbours"]]
+    assert [k for k, _ in found[:2]] == [query.relative_to(root).as_posix(),
+                                         copy.relative_to(root).as_posix()], found
+    assert found[0][1] == pytest.approx(1.0, abs=1e-5)  # the job's row of the same file
+    assert found[1][1] < 0.999 and found[1][1] > found[2][1]  # an edit, yet the nearest

@@ -239,7 +239,7 @@ def test_knn_bad_arguments_are_one_line(quick_run, tmp_path, here, capsys):
     assert exited.value.code == 2
     assert "--image-size: must be at least 1" in capsys.readouterr().err
     rc, _, err = here(*base, *procedural, "--image-size", "4")
-    one_line(rc, err, set(), 1, "--image-size 4 is smaller than one patch")
+    one_line(rc, err, set(), 2, "--image-size 4 is smaller than one patch")  # ConfigError
     rc, _, err = here(*base, "--train", str(flat), "--val", "procedural")
     one_line(rc, err, set(), 1, "one sub-folder per class")
 

@@ -2,7 +2,7 @@
 
 Every import counts, also one inside a function: a lazy import is a dependency all the same.
 Layers, top to bottom (a module may import its own package and anything lower):
-cli; sweep and search; train, evaluate and embed; data, models, cluster and devtools; config,
+cli; api; sweep and search; train, evaluate and embed; data, models, cluster and devtools; config,
 storage and tracking; errors; dino_core.
 """
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
-    "service.cli": 6,
+    "service.cli": 7,
+    "service.api": 6,
     "service.sweep": 5, "service.search": 5,
     "service.train": 4, "service.evaluate": 4, "service.embed": 4,
     "service.data": 3, "service.models": 3, "service.cluster": 3, "service.devtools": 3,

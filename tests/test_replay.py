@@ -13,8 +13,8 @@ import pytest
 from test_pbt_schedules import per_step
 from test_train_loop import TINY, LossRecorder
 
+from service.api.training import replay_config
 from service.cli.main import main
-from service.cli.train import _replay
 from service.config import ConfigError, load_config
 from service.sweep import SweepSpec
 from service.sweep.lineage import LineageRow, append_row, read_rows
@@ -66,7 +66,7 @@ def command(root, *overrides: str):
 def test_the_replay_of_the_best_trial_trains_with_its_lineage_step_by_step(
         tmp_path, one_torch_thread, capsys):
     make_sweep(tmp_path, "pbt")
-    cfg = _replay("pbt", command(tmp_path), [])
+    cfg = replay_config("pbt", command(tmp_path), [])
     line = capsys.readouterr().out.strip()
     # the best trial that did not collapse (t001 scored higher, but collapsed)
     assert line == ("[dino] replaying trial pbt-t002 of sweep 'pbt' (ok, best knn_top1 55) as "
@@ -99,7 +99,7 @@ def test_the_replay_of_the_best_trial_trains_with_its_lineage_step_by_step(
 
 def test_a_named_trial_a_url_a_run_name_and_overrides(tmp_path, capsys):
     url = make_sweep(tmp_path, "pbt")
-    cfg = _replay("pbt/t001", command(tmp_path, "run_name=mine", "train.epochs=5"),
+    cfg = replay_config("pbt/t001", command(tmp_path, "run_name=mine", "train.epochs=5"),
                   ["run_name=mine", "train.epochs=5"])
     assert "replaying trial pbt-t001 of sweep 'pbt' (collapsed, " in capsys.readouterr().out
     assert cfg.run_name == "mine" and cfg.train.epochs == 5
@@ -111,7 +111,7 @@ def test_a_named_trial_a_url_a_run_name_and_overrides(tmp_path, capsys):
     assert replay.trial == "pbt-t000" and replay.schedule == [(0, {TT: 0.04, M: 0.99})]
     assert value_changes(replay.schedule) == []
     with pytest.raises(ConfigError, match="takes no --resume"):
-        _replay("pbt", command(tmp_path), ["train.resume=/somewhere"])
+        replay_config("pbt", command(tmp_path), ["train.resume=/somewhere"])
 
 
 def test_clear_errors(tmp_path, capsys):
@@ -128,7 +128,7 @@ def test_clear_errors(tmp_path, capsys):
                  "(statuses: collapsed, error, pending)"),
     ]:
         with pytest.raises(ConfigError) as err:
-            _replay(target, cmd, [])
+            replay_config(target, cmd, [])
         assert str(err.value).startswith(message), str(err.value)
     # through the command line: one line, exit 2, before anything starts
     assert main(["train", "--replay", "nope", f"storage.root={tmp_path}"]) == 2
@@ -142,7 +142,7 @@ def test_a_lineage_that_changes_a_setting_no_schedule_reads_is_refused(tmp_path)
                ("t001", 0, "start", "", {TT: 0.05, "model.out_dim": 64})]
     make_sweep(tmp_path, "odd", lineage=lineage, results={"t000": ("ok", 50.0)})
     with pytest.raises(ConfigError, match="changed model.out_dim at step 6: only schedule"):
-        _replay("odd/t000", command(tmp_path), [])
+        replay_config("odd/t000", command(tmp_path), [])
 
 
 @pytest.mark.budget(10)  # matplotlib's import and two figures: 1.4-2.5 s here (2026-12-04)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import subprocess
@@ -335,3 +336,29 @@ def test_embeddings_are_read_from_object_storage_urls(tmp_path):
         assert [n.key for n in res.neighbours] == [PAIR[0], PAIR[1]]
     finally:
         fs.rm("/search-test", recursive=True)
+
+
+@pytest.mark.budget(8)
+def test_a_missing_part_is_named_locally_and_in_object_storage(tmp_path, capsys):
+    """A part listed in the manifest but gone: one DataError naming it, whether the folder is
+    local (``open`` raises FileNotFoundError) or an object store's (the storage layer wraps
+    its not-found in a StorageError); and ``dedup --out`` writes its CSV to a URL."""
+    keys, labels, x = planted_set(n=50)
+    folder = write_embeddings(tmp_path / "m", keys, labels, x, part_rows=20)
+    fs = fsspec.filesystem("memory")
+    for f in folder.iterdir():
+        fs.pipe_file(f"/search-gone/m/{f.name}", f.read_bytes())
+    try:
+        code, _, err = run_cli(["dedup", "--embeddings", "memory://search-gone/m", "--out",
+                                "memory://search-gone/pairs.csv"], capsys)
+        assert code == 0 and "wrote 3 pairs to memory://search-gone/pairs.csv" in err
+        rows = list(csv.DictReader(io.StringIO(fs.cat_file("/search-gone/pairs.csv").decode())))
+        assert {(r["a"], r["b"]) for r in rows} == {(PAIR[1], PAIR[0]), CHAIN[:2], CHAIN[1:]}
+        (folder / "part-00001.parquet").unlink()
+        fs.rm_file("/search-gone/m/part-00001.parquet")
+        for out in (str(folder), "memory://search-gone/m"):
+            with pytest.raises(DataError, match="part-00001.parquet: listed in the manifest "
+                                                "but missing"):
+                load_embeddings(out)
+    finally:
+        fs.rm("/search-gone", recursive=True)

@@ -131,6 +131,14 @@ def test_two_workers_s3_mlflow_then_resume_from_bucket_and_no_secret_leaks(
     assert run.data.tags["world_size"] == "2" and run.data.tags["git_revision"]
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "teacher_backbone.safetensors" in artifacts
+    # rank 0's loop also logs the config, an attention picture per k-NN evaluation, system
+    # metrics and the backbone's MLflow model (tests/test_mlflow_run.py reads them in full)
+    assert {"config.yaml", "attention", "backbone"} <= set(artifacts), artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "attention")] == [
+        "attention/step_0000008.png", "attention/step_0000016.png"]
+    assert "MLmodel" in {a.path.rsplit("/", 1)[-1]
+                         for a in client.list_artifacts(run.info.run_id, "backbone")}
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
 
     # same run name, one more epoch: continues from the bucket at step 16; -v shows Ray's lines
     second = dino("-v", "train", *common, "train.epochs=3", env=env,

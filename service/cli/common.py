@@ -1,11 +1,10 @@
-"""Pieces every command module shares: config arguments and the rule for run names."""
+"""Pieces every command module shares: config, weights and MLflow arguments, argument types,
+parsing."""
 
 from __future__ import annotations
 
 import argparse
-import secrets
 import sys
-import time
 
 EPILOG_OVERRIDES = (
     "Any config key can be overridden as key=value, e.g. "
@@ -17,11 +16,6 @@ def config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="named preset (see `dino presets`)")
     p.add_argument("--config", help="YAML file with config sections")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-
-
-def unique_run_name(prefix: str = "dino") -> str:
-    """``dino-20260101-120000-3fa2c1``: UTC time (sorts by start) and 24 random bits."""
-    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 def flush_ray_logs() -> None:
@@ -99,12 +93,11 @@ def log_eval(args: argparse.Namespace, metrics: dict[str, float],
              artifacts: list[str] | None = None) -> int:
     """Logs an evaluation's metrics (and files) to the MLflow run of its checkpoint
     (``--mlflow``); 1 with one ``dino:`` line if that fails."""
-    from service.evaluate import checkpoint_config, checkpoint_step, log_to_checkpoint_run
+    from service import api
 
+    result = api.EvalResult(args.command, args.checkpoint, metrics, {})
     try:
-        uri, run_id = log_to_checkpoint_run(
-            checkpoint_config(args.checkpoint), metrics, artifacts or [],
-            checkpoint_step(args.checkpoint), args.tracking_uri)
+        uri, run_id = api.log_evaluation(result, args.tracking_uri, artifacts or [])
     except (ValueError, RuntimeError) as err:
         print(f"dino: {err}", file=sys.stderr)
         return 1

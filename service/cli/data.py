@@ -6,13 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from service.cli.common import positive_int
 from service.config import ConfigError, DinoConfig, load_config
-
-if TYPE_CHECKING:
-    from service.data.pack import PackResult
 
 EXIT_SIGINT = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 INTERRUPTED = ("interrupted before a shard was packed, or while the manifest was written: "
@@ -53,10 +49,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    if args.shard_mb <= 0:
-        raise ConfigError(f"--shard-mb must be positive, got {args.shard_mb:g}")
-    try:
-        result = _pack(args)
+    try:  # the imports too: a Ctrl-C while they load (seconds) is also one line
+        from service import api
+
+        result = api.pack(args.src, args.dest, args.shard_mb, address=args.address,
+                          num_cpus=args.num_cpus, in_process=args.in_process)
     except KeyboardInterrupt as err:  # Ctrl-C: one line, not a traceback; the pack resumes
         print(f"dino: {str(err) or INTERRUPTED.format(dest=args.dest)}", file=sys.stderr)
         return EXIT_SIGINT
@@ -69,20 +66,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
           + (f", listed in {m.prefix}/pack-report.json" if result.skipped else ""))
     print(f"train on it with: dino train data.path={m.prefix}")
     return 0
-
-
-def _pack(args: argparse.Namespace) -> PackResult:
-    """The pack itself, imports included: a Ctrl-C while they load (seconds) is also one
-    line. The training driver (torch, timm) is imported only to join a given cluster."""
-    from service.data.pack import pack
-
-    cfg = load_config(overrides=[f"ray.address={args.address}"] if args.address else [])
-    if not args.in_process and cfg.ray.address:
-        from service.train.driver import init_ray
-
-        init_ray(cfg)  # else pack() starts a local Ray of its own, without a dashboard
-    return pack(args.src, args.dest, int(args.shard_mb * 2**20),
-                parallel=not args.in_process, progress=print, num_cpus=args.num_cpus)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

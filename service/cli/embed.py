@@ -1,19 +1,13 @@
 """``dino embed``: the embeddings of a folder, a URL or a packed set, written as Parquet
 parts and a manifest (``service.embed``); a rerun resumes, ``--incremental`` adds new
-images."""
+images (``service.api.embed``)."""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from service.cli.common import flush_ray_logs, positive_int, weights_arg
-
-if TYPE_CHECKING:
-    from service.embed.job import Checked
 
 EXIT_SIGINT = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 
@@ -52,83 +46,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from service.embed import check_inputs
-    from service.embed.job import patch_bytes
+    from service import api
 
-    checked = check_inputs(args.checkpoint, args.data, args.out, args.features, args.weights,
-                           args.image_size, args.incremental, args.part_rows)
-    plan, spec = checked.plan, checked.spec
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    what = {"fresh": "embedding", "resume": "resuming", "incremental": "adding new images to"}
-    say(f"[dino] embed: {what[plan.mode]} {args.out}: {plan.total} images to embed"
-        + (f" ({len(plan.done)} already in {len(plan.manifest['parts'])} parts)"
-           if plan.done else "")
-        + f"; {spec.features}, dim {spec.dim}, side {spec.image_size}")
-    if spec.features == "patch":
-        n = patch_bytes(checked)
-        say(f"[dino] embed: patch grids take {plan.total} x {spec.tokens} tokens x {spec.dim} "
-            f"x 2 bytes = {_size(n)}")
-    return _run(args, checked, say)
-
-
-def _run(args: argparse.Namespace, checked: Checked, say: Callable[[str], None]) -> int:
-    from service.embed import run_embed
-    from service.embed.pipeline import Resources
-
-    if checked.plan.total:
-        _start_ray(args, say)
-    res = Resources(args.actors, args.gpus, args.cpus_per_actor, args.batch_size)
     try:
-        result = run_embed(checked, args.out, res, say, args.verbose)
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; the job resumes
-        print(f"dino: interrupted: {checked.plan.manifest['count']} images are in "
-              f"{len(checked.plan.manifest['parts'])} parts under {args.out}; rerun the same "
-              "command to embed the rest", file=sys.stderr)
-        return EXIT_SIGINT
-    finally:
+        result = api.embed(args.checkpoint, args.data, args.out, features=args.features,
+                           weights=args.weights, image_size=args.image_size,
+                           batch_size=args.batch_size, actors=args.actors, gpus=args.gpus,
+                           cpus_per_actor=args.cpus_per_actor, part_rows=args.part_rows,
+                           incremental=args.incremental, address=args.address,
+                           num_cpus=args.num_cpus, verbose=args.verbose)
+    except api.EmbedInterrupted as err:  # Ctrl-C: one line, not a traceback; the job resumes
         flush_ray_logs()
+        print(f"dino: {err}", file=sys.stderr)
+        return EXIT_SIGINT
+    flush_ray_logs()
     m, skipped = result.manifest, result.skipped
     print(f"embedded {result.embedded_now} images into {args.out} in {result.seconds:.1f} s "
           f"({m['count']} rows in {len(m['parts'])} parts, {m['features']}, dim {m['dim']}); "
           f"{len(skipped)} unreadable skipped"
           + (f", listed in {args.out.rstrip('/')}/manifest.json" if skipped else ""))
     return 0
-
-
-def _start_ray(args: argparse.Namespace, say: Callable[[str], None]) -> None:
-    """The cluster at ``--address`` (else RAY_ADDRESS, read as ``dino train`` reads it), or
-    a local Ray of this machine's CPUs (``--num-cpus``), as ``dino data pack`` starts one,
-    with at least one CPU beside the actors' for the decode tasks (else they never run).
-    Ray's own start-up lines only with ``-v`` (``configure_logging=False``: its records go
-    to our logging, at WARNING unless ``-v``)."""
-    import ray
-
-    from service.config import load_config
-    from service.train.driver import quiet_ray_driver
-
-    if ray.is_initialized():
-        return
-    cfg = load_config(overrides=[f"ray.address={args.address}"] if args.address else [])
-    if not args.verbose:
-        quiet_ray_driver()
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, configure_logging=False, log_to_driver=True)
-        return
-    cpus = args.num_cpus or os.cpu_count() or 1
-    need = args.actors * args.cpus_per_actor + 1
-    if cpus < need:
-        say(f"[dino] embed: the local Ray gets {need} logical CPUs ({cpus} asked): "
-            f"{args.actors} actors of {args.cpus_per_actor} and one for decoding")
-    ray.init(address="local", num_cpus=max(cpus, need), include_dashboard=False,
-             configure_logging=False, log_to_driver=True)
-
-
-def _size(n: int) -> str:
-    for unit in ("bytes", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    return f"{n} bytes"

@@ -67,13 +67,14 @@ def add_parser(ev: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval_retrieval(args: argparse.Namespace) -> int:
-    from service.evaluate.retrieval import retrieval_eval
+    from service import api
 
-    res = retrieval_eval(args.checkpoint, args.data, args.dataset, which=args.weights,
-                         image_size=args.image_size, scales=args.scales,
-                         crop_queries=args.crop_queries, num_instances=args.instances,
-                         renderings=args.renderings, distractors=args.procedural_distractors,
-                         seed=args.seed, device=args.device)
+    out = api.retrieval(args.checkpoint, args.data, weights=args.weights, dataset=args.dataset,
+                        image_size=args.image_size, scales=args.scales,
+                        crop_queries=args.crop_queries, num_instances=args.instances,
+                        renderings=args.renderings, distractors=args.procedural_distractors,
+                        seed=args.seed, device=args.device)
+    res = out.details
     if args.json:
         print(json.dumps(res))
     else:
@@ -86,21 +87,20 @@ def cmd_eval_retrieval(args: argparse.Namespace) -> int:
             print(f"{name:>8} {r['map']:>6.2f}% "
                   + " ".join(f"{v:>6.2f}%" for v in r["mp_at_k"].values()))
     if args.mlflow:
-        metrics = {f"eval_retrieval_map_{k.removeprefix('map_')}" if k != "map" else
-                   "eval_retrieval_map": v for k, v in res.items() if k.startswith("map")}
-        return log_eval(args, metrics)
+        return log_eval(args, out.metrics)
     return 0
 
 
 def cmd_eval_copydetect(args: argparse.Namespace) -> int:
-    from service.evaluate.copydetect import copydetect_eval
+    from service import api
 
-    res = copydetect_eval(args.checkpoint, args.data, distractors=args.distractors,
-                          whitening=args.whitening, whiten=not args.no_whitening,
-                          which=args.weights, image_size=args.image_size,
-                          batch_size=args.batch_size, num_originals=args.originals,
-                          copies=args.copies, num_distractors=args.procedural_distractors,
-                          seed=args.seed, device=args.device)
+    out = api.copydetect(args.checkpoint, args.data, weights=args.weights,
+                         distractors=args.distractors, whitening=args.whitening,
+                         whiten=not args.no_whitening, image_size=args.image_size,
+                         batch_size=args.batch_size, num_originals=args.originals,
+                         copies=args.copies, num_distractors=args.procedural_distractors,
+                         seed=args.seed, device=args.device)
+    res = out.details
     if args.json:
         print(json.dumps(res))
     else:
@@ -112,5 +112,5 @@ def cmd_eval_copydetect(args: argparse.Namespace) -> int:
         for name, m in res["by_block"].items():
             print(f"{name:>12} mAP {m:.2f}%")
     if args.mlflow:
-        return log_eval(args, {"eval_copydetect_map": res["map"]})
+        return log_eval(args, out.metrics)
     return 0

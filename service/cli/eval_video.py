@@ -47,12 +47,14 @@ def add_parser(ev: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval_video(args: argparse.Namespace) -> int:
-    from service.evaluate.video import video_eval
+    from service import api
 
-    res = video_eval(args.checkpoint, args.data, args.weights, args.split, args.image_size,
-                     args.n_last_frames, args.topk, args.neighborhood, args.out,
-                     videos=args.videos, frames=args.frames, frame_side=args.frame_size,
-                     device=args.device)
+    out = api.video(args.checkpoint, args.data, weights=args.weights, split=args.split,
+                    image_size=args.image_size, n_last_frames=args.n_last_frames,
+                    topk=args.topk, neighborhood=args.neighborhood, output_dir=args.out,
+                    videos=args.videos, frames=args.frames, frame_side=args.frame_size,
+                    device=args.device)
+    res = out.details
     if args.json:
         print(json.dumps(res))
     else:
@@ -71,6 +73,5 @@ def cmd_eval_video(args: argparse.Namespace) -> int:
         if args.out:
             print(f"masks in {args.out}")
     if args.mlflow:
-        return log_eval(args, {"eval_video_jf": res["jf"], "eval_video_j": res["j"],
-                                "eval_video_f": res["f"]})
+        return log_eval(args, out.metrics)
     return 0

@@ -120,13 +120,14 @@ def _say(line: str) -> None:
 
 
 def cmd_eval_knn(args: argparse.Namespace) -> int:
-    from service.evaluate.knn import knn_eval
+    from service import api
 
-    res = knn_eval(args.checkpoint, args.train, args.val, image_size=args.image_size,
-                   ks=args.k, temperature=args.temperature, batch_size=args.batch_size,
-                   num_workers=args.num_workers, dump=args.dump_features,
-                   load=args.load_features, which=args.weights, preset=args.preset,
-                   config_file=args.config, overrides=args.overrides)
+    out = api.knn(args.checkpoint, args.train, args.val, weights=args.weights,
+                  preset=args.preset, config=args.config, overrides=args.overrides,
+                  image_size=args.image_size, ks=args.k, temperature=args.temperature,
+                  batch_size=args.batch_size, num_workers=args.num_workers,
+                  dump=args.dump_features, load=args.load_features)
+    res = out.details
     _say(res["data"]["note"])
     if args.json:
         print(json.dumps(res))
@@ -139,25 +140,25 @@ def cmd_eval_knn(args: argparse.Namespace) -> int:
             r = res["by_k"][str(k)]
             print(f"{k:>5} {r['top1']:>6.2f}% {r['top5']:>6.2f}%")
     if args.mlflow:
-        return log_eval(args, {"eval_knn_top1": res["top1"], "eval_knn_top5": res["top5"]})
+        return log_eval(args, out.metrics)
     return 0
 
 
 def cmd_eval_linear(args: argparse.Namespace) -> int:
-    from service.evaluate.linear import linear_eval
+    from service import api
 
     def progress(epoch: int, stats: dict[str, float]) -> None:
         print(f"[linear] epoch {epoch + 1}/{args.epochs} loss {stats['train_loss']:.4f} "
               f"lr {stats['lr']:.3g}", file=sys.stderr, flush=True)
 
-    res = linear_eval(args.checkpoint, args.train, args.val, image_size=args.image_size,
-                      epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                      n_last_blocks=args.n_last_blocks, avgpool=args.avgpool,
-                      num_workers=args.num_workers, output_dir=args.output_dir,
-                      device=args.device, seed=args.seed, on_epoch_end=progress,
-                      which=args.weights, crop_scale=args.crop_scale, preset=args.preset,
-                      config_file=args.config, overrides=args.overrides,
-                      on_settings=_say)
+    out = api.linear(args.checkpoint, args.train, args.val, weights=args.weights,
+                     preset=args.preset, config=args.config, overrides=args.overrides,
+                     image_size=args.image_size, epochs=args.epochs, lr=args.lr,
+                     batch_size=args.batch_size, n_last_blocks=args.n_last_blocks,
+                     avgpool=args.avgpool, num_workers=args.num_workers,
+                     output_dir=args.output_dir, device=args.device, seed=args.seed,
+                     on_epoch_end=progress, crop_scale=args.crop_scale, on_settings=_say)
+    res = out.details
     if args.json:
         print(json.dumps(res))
     else:
@@ -165,7 +166,7 @@ def cmd_eval_linear(args: argparse.Namespace) -> int:
               f"({res['num_classes']} classes, chance {100 / res['num_classes']:.1f}%): "
               f"top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
     if args.mlflow:
-        return log_eval(args, {"eval_linear_top1": res["top1"], "eval_linear_top5": res["top5"]})
+        return log_eval(args, out.metrics)
     return 0
 
 
@@ -214,13 +215,8 @@ def cmd_attention(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "reference":
-        from service.evaluate.reference_export import export_reference
+    from service import api
 
-        path = export_reference(args.checkpoint, args.out)
-    else:
-        from service.evaluate.backbone import export_backbone
-
-        path = export_backbone(args.checkpoint, args.out, which=args.which)
+    path = api.export(args.checkpoint, args.out, which=args.which, format=args.format)
     print(f"wrote {path}")
     return 0

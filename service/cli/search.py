@@ -83,7 +83,7 @@ def _label(label: int | None, name: str | None) -> str:
 
 def cmd_dedup(args: argparse.Namespace) -> int:
     from service.search import find_duplicates, load_embeddings
-    from service.search.files import write_bytes
+    from service.storage import write_bytes
 
     res = find_duplicates(load_embeddings(args.embeddings), args.threshold, args.index)
     if args.out:

@@ -1,4 +1,4 @@
-"""``dino train``: pretrain a backbone, or resume a run."""
+"""``dino train``: pretrain a backbone, or resume a run (``service.api.train``)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import sys
 from functools import partial
 from typing import TextIO
 
-from service import storage
-from service.cli.common import EPILOG_OVERRIDES, config_args, flush_ray_logs, unique_run_name
-from service.config import DinoConfig, ProceduralSource, load_config, resolve_paths
+from service.cli.common import EPILOG_OVERRIDES, config_args, flush_ray_logs
+from service.config import ProceduralSource
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "(default: its best) trained with, changed at the same steps; the "
                         "sweep's config, under storage.root (or a sweep's URL), with the "
                         "command's ray/tracking/storage sections and key=value overrides")
+    p.add_argument("--in-process", action="store_true",
+                   help="no Ray: train on one worker in this process (a laptop, a small run; "
+                        "the checkpoints are the same, and resume under Ray)")
     p.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     p.set_defaults(fn=cmd_train)
 
@@ -40,30 +42,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace, json_out: TextIO | None = None) -> int:
-    overrides = list(args.overrides)
-    if args.verbose:
-        overrides.append("ray.verbose=true")
-    if args.resume:
-        overrides.append(f"train.resume={args.resume}")
-    cfg = load_config(args.preset, args.config, overrides)
-    if args.replay:
-        cfg = _replay(args.replay, cfg, overrides)
-    elif "run_name" not in cfg.model_fields_set:  # neither the preset, the file nor an override
-        # a fresh name: two unnamed runs on one storage root never share a directory
-        cfg = cfg.model_copy(update={"run_name": unique_run_name()})
-    from service.storage import runlock
-    from service.train.driver import train, workers_label
+    from service import api
 
-    taught = f" distilled from {cfg.train.distill.teacher}" if cfg.train.distill.teacher else ""
-    print(f"[dino] run {cfg.run_name!r}: {cfg.model.arch}/{cfg.model.patch_size}{taught}, "
-          f"{cfg.train.epochs} epochs, global batch {cfg.train.batch_size} on "
-          f"{workers_label(cfg)} worker(s), storage {cfg.storage.root}", flush=True)
+    cfg = api.train_config(args.preset, args.config, args.overrides, resume=args.resume,
+                           replay=args.replay, verbose=args.verbose)
     try:
-        with runlock.hold(resolve_paths(cfg).storage.root, cfg.run_name):
-            res = train(cfg)
-    except KeyboardInterrupt:
+        res = api.train(config=cfg, in_process=args.in_process)
+    except KeyboardInterrupt as err:
         flush_ray_logs()
-        print(f"\n{interrupted_notice(cfg)}", file=sys.stderr)
+        print(f"\n{err}" if isinstance(err, api.TrainInterrupted) else "\ndino: interrupted",
+              file=sys.stderr)
         return 130
     flush_ray_logs()
     say = partial(print, file=sys.stdout)  # stderr with --json (see cmd_train)
@@ -76,44 +64,11 @@ def _train(args: argparse.Namespace, json_out: TextIO | None = None) -> int:
             say(f"                view with: mlflow ui --backend-store-uri {res.tracking_uri}")
     if "knn_top1" in res.metrics:
         procedural = isinstance(cfg.eval.val_source, ProceduralSource)
-        chance = 100.0 / cfg.data.procedural_classes if procedural else None
-        extra = f" (chance {chance:.1f}%)" if chance else ""
-        say(f"  k-NN top-1  : {res.metrics['knn_top1']:.1f}%{extra}, "
+        chance = f" (chance {100.0 / cfg.data.procedural_classes:.1f}%)" if procedural else ""
+        say(f"  k-NN top-1  : {res.metrics['knn_top1']:.1f}%{chance}, "
             f"top-5 {res.metrics['knn_top5']:.1f}% (k={cfg.eval.knn_k})")
     if json_out is not None:
         print(json.dumps({**res.__dict__}), file=json_out)
     return 0
 
 
-def _replay(target: str, command: DinoConfig, overrides: list[str]) -> DinoConfig:
-    """The config of ``--replay``, and its one line saying what is replayed."""
-    from service.sweep import replay
-
-    record, chosen = replay.load(target, command.storage.root)
-    name = command.run_name if "run_name" in command.model_fields_set else None
-    cfg = replay.replay_config(command, record, chosen, overrides, name)
-    print(replay.describe(chosen, cfg.run_name), flush=True)
-    return cfg
-
-
-def interrupted_notice(cfg: DinoConfig) -> str:
-    """What a Ctrl-C leaves: where to resume from only when the run saved a checkpoint;
-    stopped before its first one, a rerun starts again from the beginning (or from
-    ``train.resume``), and saying "resume it" would promise work that is not there."""
-    from service.storage import checkpoints as ckpt
-
-    resolved = resolve_paths(cfg)
-    run = storage.join(resolved.storage.root, cfg.run_name)
-    head = f"dino: interrupted: run {cfg.run_name!r} stopped"
-    try:
-        saved = bool(ckpt.committed(run))
-    except Exception:  # noqa: BLE001 - storage does not answer: say no more than is known
-        return (f"{head}; the checkpoints it saved, if any, are in {run}: the same command "
-                "resumes from the last one")
-    if saved:
-        return (f"{head}; its checkpoints are in {run}. Resume it with the same command (or "
-                f"`dino train ... run_name={cfg.run_name}`).")
-    start = (f"from train.resume={resolved.train.resume} again" if resolved.train.resume
-             else "from the beginning (step 0)")
-    return (f"{head} before its first checkpoint: nothing was saved, and running it again "
-            f"starts {start}.")

@@ -1,4 +1,5 @@
-"""``dino tune``: a hyperparameter sweep with Ray Tune (objective: k-NN top-1)."""
+"""``dino tune``: a hyperparameter sweep with Ray Tune (objective: k-NN top-1;
+``service.api.tune``)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import argparse
 import json
 
 from service.cli.common import config_args, flush_ray_logs
-from service.config import ConfigError, load_config
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,32 +37,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from service.sweep import DEFAULT_SPACE, OBJECTIVE, SweepSpec, run_sweep
+    from service import api
 
-    cfg = load_config(args.preset, args.config,
-                      [*args.overrides, *(["ray.verbose=true"] if args.verbose else [])])
-    space = dict(DEFAULT_SPACE) if not args.param or args.add_default_space else {}
+    params = {}
     for item in args.param or []:
         key, _, spec = item.partition("=")
-        if not spec:
-            raise ConfigError(f"--param {item!r}: use KEY=grid:a,b | choice:a,b | "
-                              "uniform:lo,hi | loguniform:lo,hi")
-        space[key] = spec
-    spec = SweepSpec(name=args.name or f"{cfg.run_name}-sweep", space=space,
-                     num_samples=args.num_samples, max_concurrent=args.max_concurrent,
-                     scheduler=args.scheduler, perturbation_interval=args.perturbation_interval)
-    if args.perturbation_interval < 1:
-        raise ConfigError(f"--perturbation-interval {args.perturbation_interval}: give a "
-                          "number of epochs >= 1")
-    print(f"[dino] sweep {spec.name!r} over {', '.join(space)}; objective {OBJECTIVE} "
-          f"(the DINO loss is not comparable across teacher temperatures)", flush=True)
-    out = run_sweep(cfg, spec, resume=args.resume)
+        params[key] = spec
+    res = api.tune(args.preset, args.config, args.overrides, params=params,
+                   add_default_space=args.add_default_space, name=args.name,
+                   num_samples=args.num_samples, max_concurrent=args.max_concurrent,
+                   scheduler=args.scheduler, perturbation_interval=args.perturbation_interval,
+                   resume=args.resume, verbose=args.verbose,
+                   say=lambda line: print(line, flush=True))
     flush_ray_logs()
-    rows = out["rows"]
-    print(f"\n[dino] sweep results ({len(rows)} trials, best first), {out['sweep_url']}")
-    print(results_table(rows, list(space)))
+    print(f"\n[dino] sweep results ({len(res.rows)} trials, best first), {res.sweep_url}")
+    print(results_table(res.rows, res.keys))
     if args.json:
-        print(json.dumps(out, default=str))
+        print(json.dumps({"rows": res.rows, "sweep_url": res.sweep_url,
+                          "parent_run_id": res.parent_run_id}, default=str))
     return 0
 
 

@@ -1,8 +1,10 @@
-"""Loading a config: preset -> YAML file -> ``key=value`` overrides -> environment defaults,
-then validation, before any Ray resource is taken. Also its YAML and flat (MLflow) forms."""
+"""Loading a config: preset -> YAML file (or a mapping given in code) -> ``key=value``
+overrides -> environment defaults, then validation, before any Ray resource is taken. Also
+its YAML and flat (MLflow) forms."""
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -124,9 +126,11 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(
-    preset: str | None = None, file: str | None = None, overrides: list[str] | None = None
+    preset: str | None = None, file: str | None = None, overrides: list[str] | None = None,
+    sections: Mapping[str, Any] | None = None,
 ) -> DinoConfig:
-    """preset -> YAML file -> overrides, then environment defaults, then validation."""
+    """preset -> YAML file -> ``sections`` (the same mapping a file holds, given in code) ->
+    overrides, then environment defaults, then validation."""
     data: dict[str, Any] = load_preset(preset) if preset else {}
     if file:
         if not os.path.isfile(file):
@@ -142,6 +146,10 @@ def load_config(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{file}: the top level must be a mapping of sections")
         data = deep_merge(data, loaded)
+    if sections is not None:
+        if not isinstance(sections, Mapping):
+            raise ConfigError(f"config: a mapping of sections, got {type(sections).__name__}")
+        data = deep_merge(data, copy.deepcopy(dict(sections)))
     data = apply_overrides(data, overrides or [])
     for (section, key), value in environment_defaults().items():
         data.setdefault(section, {}).setdefault(key, value)

@@ -394,11 +394,27 @@ class TrainConfig(_Section):
         5, ge=1, description="steps between looks for a drain notice or a stop request "
         "(each look is a barrier of a few ms); a SIGTERM is seen at the next step")
     init_from: str | None = Field(None, description="weights to start a new run from: a reference checkpoint.pth / hub backbone .pth, our checkpoint or exported .safetensors; a fresh schedule, unlike train.resume")
+    register_model: str | None = Field(
+        None, description="register the run's backbone model (its MLflow artifact `backbone`) "
+        "in the Model Registry under this name, a new version each time the run ends; None: "
+        "logged, not registered (needs tracking.enabled)")
     distill: DistillConfig = Field(default_factory=DistillConfig)
     value_changes: list[ValueChange] = Field(
         default_factory=list, description="schedule settings changed at global steps (a "
         "population-based sweep's exploits, replayed by `dino train --replay`): "
         "[{step: 40, values: {loss.teacher_temp: 0.05}}]; empty: none")
+
+    @field_validator("register_model")
+    @classmethod
+    def _model_name(cls, name: str | None) -> str | None:
+        """MLflow's own rule for registered names, checked before the run rather than when
+        it ends (the registry refuses the name only after the whole run has trained)."""
+        if name is None:
+            return None
+        if not name.strip() or any(c in name for c in "/:") or name.strip(".") == "":
+            raise ValueError(f"a registered model name: not empty, not only dots, no '/' or ':', "
+                             f"got {name!r}")
+        return name
 
     @field_validator("value_changes")
     @classmethod
@@ -461,6 +477,12 @@ class TrackingConfig(_Section):
     uri: str | None = Field(None, description="MLflow URI; default sqlite under storage.root")
     experiment: str = Field("dino", description="MLflow experiment name")
     enabled: bool = Field(True, description="log to MLflow at all")
+    system_metrics: bool = Field(
+        True, description="rank 0 samples CPU, memory, disk, network and GPU (nvidia-ml-py) "
+        "into the run as system/* metrics (MLflow's monitor), plus one last sample at the end")
+    system_metrics_interval_s: float = Field(
+        10.0, ge=1, description="seconds between samples (MLflow's default): ~6 small requests "
+        "a minute; a run shorter than this still gets its end sample")
 
 
 class RayConfig(_Section):
@@ -610,6 +632,9 @@ class DinoConfig(_Section):
         _check_resnet(self, "model.arch")
         if self.train.distill.on:
             _check_distill(self)
+        if self.train.register_model and not self.tracking.enabled:
+            raise ValueError(f"train.register_model={self.train.register_model} registers in "
+                             "MLflow's Model Registry: it needs tracking.enabled=true")
         if self.train.distill.students and not self.train.distill.on:
             raise ValueError(f"train.distill.students={sorted(self.train.distill.students)} "
                              "needs a teacher: set train.distill.teacher, or leave the "

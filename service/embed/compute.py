@@ -8,11 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.embed.decode import Crops, read_bytes
+from service.embed.decode import Crops
 from service.embed.features import embed_batch
 from service.embed.spec import EmbedSpec, split_transform
 from service.errors import DataError
 from service.models.backbones import load_backbone
+from service.storage import read_bytes
 
 BATCH = 64
 

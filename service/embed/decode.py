@@ -19,21 +19,10 @@ from dino_core.data.folder import load_rgb
 from service.data.shards import read_samples
 from service.embed.sources import key_path
 from service.embed.spec import split_transform
-from service.storage import get_fs, is_local, with_retries
+from service.errors import StorageError
+from service.storage import get_fs, is_local, is_transient, read_bytes
 
 DECODE_BATCH = 32  # images per output batch: 32 crops of 224 px are 4.8 MB
-
-
-def read_bytes(location: str, fs: Any = None) -> bytes:
-    """The bytes of a local file or a URL (``fs``: the URL's filesystem, when known)."""
-    if is_local(location):
-        with open(location.removeprefix("file://"), "rb") as f:
-            return f.read()
-    if fs is None:
-        fs, path = get_fs(location)
-    else:
-        path = fs._strip_protocol(location)
-    return with_retries(lambda: fs.cat_file(path), f"read of {location}", url=location)
 
 
 class Crops:
@@ -83,6 +72,11 @@ def decode_files(batch: dict[str, np.ndarray], root: str, side: int
             blob, error = read_bytes(key_path(root, str(key)), fs), ""
         except OSError as exc:  # vanished since the listing, no access
             blob, error = None, f"{type(exc).__name__}: {exc}"
+        except StorageError as exc:
+            cause = exc.__cause__  # an object gone since the listing, or no access: skipped
+            if not isinstance(cause, OSError) or is_transient(cause):
+                raise  # storage down past its retries, no credentials: the job stops
+            blob, error = None, f"{type(cause).__name__}: {cause}"
         crops.add(str(key), int(label), blob, error)
         if crops.full():
             yield crops.take()

@@ -14,9 +14,9 @@ from service.embed.output import part_name, part_table, write_manifest, write_pa
 from service.embed.pipeline import Resources, build_dataset, configure_ray_data, stream
 from service.embed.plan import Plan, plan_job
 from service.embed.sources import Source, open_source
-from service.embed.spec import EmbedSpec, build_spec, check_features, image_side
+from service.embed.spec import EmbedSpec, build_spec, check_features
 from service.errors import ConfigError
-from service.models.backbones import load_backbone
+from service.models.backbones import eval_image_size, load_backbone
 
 PROGRESS_SECONDS = 5.0
 DEFAULT_PART_ROWS = 10_000
@@ -52,8 +52,8 @@ def check_inputs(checkpoint: str, data: str, out: str, features: str = "cls",
         raise ConfigError(f"--part-rows must be at least 1, got {part_rows}")
     source = open_source(data)
     model, cfg = load_backbone(checkpoint, weights)
-    spec = build_spec(checkpoint, weights, features, image_side(image_size, cfg, model), model,
-                      source.classes)
+    side = eval_image_size(image_size, cfg, model)
+    spec = build_spec(checkpoint, weights, features, side, model, source.classes)
     plan = plan_job(out, spec, source, incremental)
     rows = part_rows or max(1, min(DEFAULT_PART_ROWS, PART_BYTES // (spec.row_values * 4)))
     return Checked(spec, source, plan, rows)  # each actor loads its own model

@@ -28,7 +28,17 @@ import pyarrow.parquet as pq
 
 from service.embed.spec import EmbedSpec
 from service.errors import DataError
-from service.storage import get_fs, is_local, join, upload_file, with_retries
+from service.storage import (
+    get_fs,
+    is_local,
+    join,
+    makedirs,
+    read_bytes,
+    replace_file,
+    upload_file,
+    with_retries,
+    write_bytes,
+)
 
 MANIFEST, FORMAT = "manifest.json", 1
 PART = re.compile(r"^part-(\d{5,})\.parquet$")
@@ -50,7 +60,7 @@ def read_manifest(out: str) -> dict[str, Any] | None:
     fs, path = get_fs(join(out, MANIFEST))
     if not with_retries(lambda: fs.exists(path), f"lookup of {path}", url=out):
         return None
-    raw = with_retries(lambda: fs.cat_file(path), f"read of {path}", url=out)
+    raw = read_bytes(join(out, MANIFEST), fs)
     try:
         doc = json.loads(raw)
     except ValueError as err:
@@ -64,10 +74,10 @@ def read_manifest(out: str) -> dict[str, Any] | None:
 def write_manifest(out: str, manifest: dict[str, Any]) -> None:
     body = json.dumps(manifest, indent=1).encode()
     if is_local(out):
-        _replace(join(out, MANIFEST), lambda f: f.write(body))
+        makedirs(out)
+        replace_file(join(out, MANIFEST), lambda f: f.write(body))  # never seen half written
         return
-    fs, path = get_fs(join(out, MANIFEST))
-    with_retries(lambda: fs.pipe_file(path, body), f"write of {path}", url=out)
+    write_bytes(join(out, MANIFEST), body)  # an object appears whole
 
 
 def list_parts(out: str) -> list[str]:
@@ -86,9 +96,7 @@ def next_index(parts: list[str]) -> int:
 
 
 def read_part(out: str, name: str, columns: list[str] | None = None) -> pa.Table:
-    fs, path = get_fs(join(out, name))
-    raw = with_retries(lambda: fs.cat_file(path), f"read of {path}", url=out)
-    return pq.read_table(io.BytesIO(raw), columns=columns)
+    return pq.read_table(io.BytesIO(read_bytes(join(out, name))), columns=columns)
 
 
 def part_table(keys: list[str], labels: list[int], embeddings: np.ndarray) -> pa.Table:
@@ -106,22 +114,11 @@ def part_table(keys: list[str], labels: list[int], embeddings: np.ndarray) -> pa
 def write_part(out: str, name: str, table: pa.Table) -> None:
     """Writes a part so that it exists only when complete."""
     if is_local(out):
-        _replace(join(out, name), lambda f: pq.write_table(table, f))
+        makedirs(out)
+        replace_file(join(out, name), lambda f: pq.write_table(table, f))
         return
     with tempfile.TemporaryDirectory(prefix="dino-embed-") as d:
         local = os.path.join(d, name)
         pq.write_table(table, local)
         upload_file(local, join(out, name))
 
-
-def _replace(path: str, write) -> None:
-    """``write(file)`` to a temporary name beside ``path``, then an atomic rename."""
-    path = path.removeprefix("file://")
-    folder, name = os.path.split(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -3,7 +3,8 @@
 The view is the k-NN evaluation's (``dino eval knn``, ``service.evaluate.knn``): the image
 decoded at full resolution by ``load_rgb``, ``eval_transform(side)`` (the shorter side resized
 to ``side * 256 / 224`` with bicubic interpolation, a centre crop of ``side``, ImageNet mean
-and std), the side being ``--image-size``, else the run's ``eval.image_size``, else 224.
+and std), the side being ``--image-size``, else the run's ``eval.image_size``, else 224
+(``service.models.backbones.eval_image_size``, the evaluations' rule).
 The transform is cut in two (``split_transform``): the uint8 crop is made in the decode
 task, the scaling and normalisation beside the backbone, so only uint8 pixels travel.
 """
@@ -19,12 +20,10 @@ from torch import nn
 
 from dino_core.augment.per_image import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from dino_core.models.backbone import is_vit
-from service.config import DinoConfig
 from service.errors import ConfigError
 
 FEATURES = ("cls", "cls+mean", "patch")
 RESIZE_RATIO = 256 / 224  # eval_transform's: the shorter side before the centre crop
-DEFAULT_SIDE = 224  # a file without run settings, as the evaluations
 
 
 @dataclass(frozen=True)
@@ -92,17 +91,6 @@ def check_features(features: str) -> str:
     if features not in FEATURES:
         raise ConfigError(f"--features must be one of {', '.join(FEATURES)}, got {features!r}")
     return features
-
-
-def image_side(image_size: int | None, cfg: DinoConfig | None, model: nn.Module) -> int:
-    """``image_size``, else the run's ``eval.image_size``, else 224 (the evaluations' rule,
-    ``service.evaluate.knn.eval_image_size``); at least one patch."""
-    side = image_size or (cfg.eval.image_size if cfg is not None else DEFAULT_SIDE)
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1, 1))[0]
-    if side < max(patch, 1):
-        raise ConfigError(f"--image-size {side} is smaller than one patch of the backbone "
-                          f"({patch} px); use at least {patch}")
-    return side
 
 
 def build_spec(checkpoint: str, weights: str, features: str, side: int, model: nn.Module,

@@ -1,5 +1,6 @@
 """Attention and PCA pictures of a checkpoint's backbone, and its attention-mask Jaccard score
-(the storage and file layer around ``dino_core.eval.attention`` and ``dino_core.eval.pca``)."""
+(the storage and file layer around ``dino_core.eval.attention``, its pictures in
+``dino_core.eval.attention_display``, and ``dino_core.eval.pca``)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,12 @@ from dino_core.eval.attention import (
     prepare_image,
     vit_patch_size,
 )
+from dino_core.eval.attention_display import display_factor, enlarge, fit
 from dino_core.eval.pca import pca_rgb
 from service import data, storage
 from service.config import DinoConfig
 from service.errors import DataError
 from service.evaluate.backbone import load_backbone
-
-# Pictures of smaller images are enlarged by an integer factor up to this side, so a 48 px
-# procedural image and its 6x6 attention grid are readable; the maps are computed unscaled.
-DISPLAY_MIN_SIDE = 224
 
 
 def procedural_set(cfg: DinoConfig | None, length: int) -> ProceduralShapes:
@@ -91,28 +89,6 @@ def fit_size(width: int, height: int, patch: int, image_size: int | None,
     return max(patch, int(w) // patch * patch), max(patch, int(h) // patch * patch)
 
 
-def display_factor(height: int, width: int, max_side: int) -> int:
-    """The integer factor a small input is enlarged by for viewing: up to ``DISPLAY_MIN_SIDE``
-    on its shorter side, never past ``max_side`` on its longer one."""
-    wanted = math.ceil(DISPLAY_MIN_SIDE / min(height, width))
-    return max(1, min(wanted, max_side // max(height, width)))
-
-
-def _enlarge(picture: Image.Image, factor: int, resample: Image.Resampling) -> Image.Image:
-    if factor == 1:
-        return picture
-    return picture.resize((picture.width * factor, picture.height * factor), resample)
-
-
-def _fit(picture: Image.Image, max_side: int) -> Image.Image:
-    """``picture`` shrunk (aspect kept) so that its longer side is at most ``max_side``."""
-    if max(picture.size) <= max_side:
-        return picture
-    scale = max_side / max(picture.size)
-    size = (max(1, int(picture.width * scale)), max(1, int(picture.height * scale)))
-    return picture.resize(size, Image.Resampling.LANCZOS)
-
-
 def bounded_grid(image: np.ndarray, attn: torch.Tensor, max_side: int) -> Image.Image:
     """The image and its heat maps as one picture of at most ``max_side`` per side: one row
     when it fits, else the layout with the shortest longer side, shrunk to fit."""
@@ -122,7 +98,7 @@ def bounded_grid(image: np.ndarray, attn: torch.Tensor, max_side: int) -> Image.
     if tiles * width > max_side:
         ncols = min(range(1, tiles + 1),
                     key=lambda c: max(c * width, math.ceil(tiles / c) * height))
-    return _fit(attention_grid(image, attn, ncols), max_side)
+    return fit(attention_grid(image, attn, ncols), max_side)
 
 
 def _note(resized: dict | None, factor: int, image_size: int | None, max_side: int,
@@ -215,15 +191,15 @@ def attention_pictures(
 def _write(out: Path, rgb: np.ndarray, attn: torch.Tensor, masks: np.ndarray,
            pca: Image.Image, factor: int, max_side: int) -> list[str]:
     """Saves the pictures of one image, each enlarged ``factor`` times; returns their paths."""
-    big = np.asarray(_enlarge(Image.fromarray(rgb), factor, Image.Resampling.BICUBIC))
+    big = np.asarray(enlarge(Image.fromarray(rgb), factor, Image.Resampling.BICUBIC))
     out.mkdir(parents=True, exist_ok=True)
     pictures: dict[str, Image.Image] = {"image.png": Image.fromarray(big)}
     for i, a in enumerate(attn):
         pictures[f"attn-head{i}.png"] = heatmap_overlay(big, a)
         mask = Image.fromarray(masks[i].astype(np.uint8) * 255)
-        pictures[f"mask-head{i}.png"] = _enlarge(mask, factor, Image.Resampling.NEAREST)
+        pictures[f"mask-head{i}.png"] = enlarge(mask, factor, Image.Resampling.NEAREST)
     pictures["attn-grid.png"] = bounded_grid(big, attn, max_side)
-    pictures["pca.png"] = _enlarge(pca, factor, Image.Resampling.NEAREST)
+    pictures["pca.png"] = enlarge(pca, factor, Image.Resampling.NEAREST)
     paths = []
     for name, pic in pictures.items():
         pic.save(out / name)

@@ -16,6 +16,7 @@ from service import data
 from service.config import DinoConfig, parse_source
 from service.evaluate.backbone import load_backbone
 from service.evaluate.settings import describe, eval_settings
+from service.models.backbones import eval_image_size
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +27,6 @@ def labeled_split(path: str, image_size: int, cfg: DinoConfig | None, train: boo
     ``transform``; the procedural set is the run's (``cfg``), on the split's own seed."""
     return data.eval_split(cfg or DinoConfig(), parse_source(path), train,
                            transform or eval_transform(image_size))
-
-
-def eval_image_size(image_size: int | None, cfg: DinoConfig | None, model: torch.nn.Module) -> int:
-    """``image_size``, else the run's ``eval.image_size`` (the side it was trained for), else
-    224; checked against the backbone's patch size.
-
-    Raises:
-        ValueError: the side is not positive, or smaller than one patch.
-    """
-    if image_size is None:
-        image_size = cfg.eval.image_size if cfg is not None else 224
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1, 1))[0]
-    if image_size < max(patch, 1):
-        raise ValueError(f"--image-size {image_size} is smaller than one patch of the backbone "
-                         f"({patch} px); use at least {patch}")
-    return image_size
 
 
 def split_features(model: torch.nn.Module, train_path: str, val_path: str, image_size: int,
@@ -72,7 +57,7 @@ def knn_eval(checkpoint: str, train_path: str, val_path: str, image_size: int | 
     defaults, with ``overrides`` on top (``service.evaluate.settings``); ``data`` in the
     result says which in a ``note`` line. Folder splits are matched by class name. Raises
     DataError for a split without class folders or splits with no class in common,
-    ValueError for a bad ``ks`` or ``image_size``.
+    ValueError for a bad ``ks``, ConfigError for an ``image_size`` below one patch.
     """
     if not ks or min(ks) < 1:
         raise ValueError(f"--k must be at least 1, got {list(ks)}")

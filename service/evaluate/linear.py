@@ -13,8 +13,9 @@ import torch
 from dino_core.eval.linear import linear_train_transform, train_linear
 from service import data, storage
 from service.evaluate.backbone import load_backbone
-from service.evaluate.knn import eval_image_size, labeled_split
+from service.evaluate.knn import labeled_split
 from service.evaluate.settings import describe, eval_settings
+from service.models.backbones import eval_image_size
 
 
 def linear_eval(checkpoint: str, train_path: str, val_path: str, image_size: int | None = None,

@@ -21,10 +21,11 @@ from dino_core.models.backbone import build_backbone
 from service import storage
 from service.config import DinoConfig
 from service.config.specs import CONFIG_KEY
-from service.errors import CheckpointError
+from service.errors import CheckpointError, ConfigError
 from service.storage import checkpoints as ckpt
 
 WEIGHTS = ("teacher", "student", "random")
+DEFAULT_IMAGE_SIZE = 224  # a backbone without run settings: the side DINO's evaluations use
 BACKBONE_FILES = (".safetensors", ".pth")  # exported by us; the reference DINO code's, Meta's
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,25 @@ def load_backbone(uri: str, which: str = "teacher") -> tuple[nn.Module, DinoConf
             return load_backbone_file(local, which), cfg
     _, state = ckpt.load(uri)
     return checkpoint_backbone(state, which)
+
+
+def eval_image_size(image_size: int | None, cfg: DinoConfig | None, model: nn.Module) -> int:
+    """The side of the centre crop that evaluations and embeddings take: ``image_size``, else
+    the run's ``eval.image_size`` (the side it was trained for), else 224 (None: the
+    default); at least one patch of ``model``.
+
+    Raises:
+        ConfigError: the side is not positive, or smaller than one patch.
+    """
+    if image_size is None:
+        image_size = cfg.eval.image_size if cfg is not None else DEFAULT_IMAGE_SIZE
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", (1, 1))[0]
+    if image_size < 1:
+        raise ConfigError(f"--image-size must be at least 1, got {image_size}")
+    if image_size < patch:
+        raise ConfigError(f"--image-size {image_size} is smaller than one patch of the backbone "
+                          f"({patch} px); use at least {patch}")
+    return image_size
 
 
 def checkpoint_backbone(state: dict[str, Any], which: str = "teacher") -> tuple[nn.Module, DinoConfig]:

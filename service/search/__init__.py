@@ -4,8 +4,8 @@ One concept a module: ``manifest`` (the embeddings folder's manifest, checked), 
 (its parts read into unit vectors), ``exact`` (the blocked torch search), ``faiss_index``
 (faiss's flat and IVF indexes, an optional extra), ``engine`` (which of them, and the one way
 results are scored and ordered), ``neighbours`` (a query's nearest rows), ``dedup``
-(near-duplicate pairs and groups), ``grid`` (the PNG of a query's neighbours), ``files``
-(images and outputs, local or URL).
+(near-duplicate pairs and groups), ``grid`` (the PNG of a query's neighbours). Image files
+and outputs, local or URL, are read and written through ``service.storage``.
 """
 
 from service.search.dedup import DedupResult, find_duplicates

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from dino_core.data.folder import load_rgb
-from service.search.files import read_bytes, write_bytes
+from service.storage import read_bytes, write_bytes
 
 TILE = 128  # px: a tile's width, and the side its image is fitted into
 CAPTION = 30  # px under each image: two lines of the default font

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from pydantic import ValidationError as _Invalid
 
 from service.errors import DataError
-from service.storage import get_fs, join, with_retries
+from service.storage import get_fs, join, read_bytes, with_retries
 
 MANIFEST = "manifest.json"
 PART_FILE = r"^part-\d{5,}\.parquet$"
@@ -71,7 +71,7 @@ def read_manifest(out: str) -> tuple[Manifest, dict[str, Any]]:
     if not with_retries(lambda: fs.exists(path), f"lookup of {url}", url=out):
         raise DataError(f"--embeddings {out}: no {MANIFEST} there; give the --out folder of "
                         "a `dino embed` run")
-    raw = with_retries(lambda: fs.cat_file(path), f"read of {url}", url=out)
+    raw = read_bytes(url, fs)
     try:
         doc = json.loads(raw)
     except ValueError as err:

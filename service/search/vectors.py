@@ -16,9 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from service.errors import DataError
+from service.errors import DataError, StorageError
 from service.search.manifest import Manifest, check_searchable, read_manifest
-from service.storage import get_fs, join, with_retries
+from service.storage import join, read_bytes
 
 COLUMNS = ["key", "label", "embedding"]
 
@@ -86,11 +86,15 @@ def load_embeddings(out: str) -> Embeddings:
 
 def _read_part(out: str, name: str) -> pa.Table:
     url = join(out, name)
-    fs, path = get_fs(url)
+    gone = DataError(f"{url}: listed in the manifest but missing")
     try:
-        blob = with_retries(lambda: fs.cat_file(path), f"read of {url}", url=out)
+        blob = read_bytes(url)
     except FileNotFoundError:
-        raise DataError(f"{url}: listed in the manifest but missing") from None
+        raise gone from None
+    except StorageError as err:  # an object store's not-found comes wrapped
+        if isinstance(err.__cause__, FileNotFoundError):
+            raise gone from None
+        raise
     try:
         table = pq.read_table(io.BytesIO(blob))
     except (pa.ArrowException, OSError) as err:

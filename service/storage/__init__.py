@@ -14,9 +14,12 @@ from service.storage.fs import (
     join,
     list_dirs,
     makedirs,
+    read_bytes,
+    replace_file,
     upload_dir,
     upload_file,
     with_scheme,
+    write_bytes,
 )
 from service.storage.retry import (
     GAVE_UP,
@@ -44,10 +47,13 @@ __all__ = [
     "join",
     "list_dirs",
     "makedirs",
+    "read_bytes",
+    "replace_file",
     "retry_seconds",
     "spool_dir",
     "upload_dir",
     "upload_file",
     "with_retries",
     "with_scheme",
+    "write_bytes",
 ]

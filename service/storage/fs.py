@@ -9,7 +9,9 @@ import os
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -94,6 +96,51 @@ def download_file(url: str, local_path: str | Path) -> Path:
         fs, path = get_fs(url)
         with_retries(lambda: fs.get(path, str(local_path)), f"download of {url}", url=url)
     return Path(local_path)
+
+
+def read_bytes(url: str, fs: Any = None) -> bytes:
+    """The bytes of a local file or of an object, retried through an outage.
+
+    ``fs``: the URL's filesystem when the caller already holds one (a decode task reading
+    a batch of images keeps one client, instead of a fresh one per image).
+
+    Raises:
+        OSError: a local file that cannot be read.
+        StorageError: an object that cannot be read (not found, no access: at once).
+    """
+    if is_local(url):
+        with open(url.removeprefix("file://"), "rb") as f:
+            return f.read()
+    if fs is None:
+        fs, path = get_fs(url)
+    else:
+        path = fs._strip_protocol(url)
+    return with_retries(lambda: fs.cat_file(path), f"read of {url}", url=url)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Writes a whole file (in place: a user's ``--out /dev/stdout`` or symlink stays what it
+    is; its folder must exist) or an object, in one request, retried through an outage.
+    ``replace_file`` is the local write that a reader never sees half done."""
+    if is_local(url):
+        with open(url.removeprefix("file://"), "wb") as f:
+            f.write(data)
+        return
+    fs, path = get_fs(url)
+    with_retries(lambda: fs.pipe_file(path, data), f"write of {url}", url=url)
+
+
+def replace_file(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write(file)`` to a temporary name beside the local ``path``, synced, then renamed
+    over it (atomic on one filesystem): a reader sees the old file or the new, whole."""
+    path = str(path).removeprefix("file://")
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def list_dirs(url: str) -> list[str]:

@@ -2,25 +2,36 @@
 broadcast so that every rank reports the same metrics.
 
 ``knn_on_rank0`` extracts every feature on rank 0 while the others wait (the baseline);
-``knn_distributed``, which the loop calls, has every rank extract its share of both splits,
-gathers them in dataset order and classifies on rank 0: the same features in the same order,
-so the same numbers."""
+``knn_distributed`` has every rank extract its share of both splits, gathers them in dataset
+order and classifies on rank 0: the same features in the same order, so the same numbers.
+``evaluate``, which the loop calls, runs it, logs its metrics and, on rank 0, a picture of the
+backbone's last-block attention on the first images of the val split."""
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from dino_core import knn_classify
 from dino_core.eval import extract_features
+from dino_core.eval.attention_display import attention_sheet
+from dino_core.models.backbone import is_vit
 from service import data
 from service.config import DinoConfig
+from service.tracking import Tracker
 from service.train.collectives import all_gather_rows, broadcast_from_rank0
 from service.train.context import RunContext
+
+log = logging.getLogger(__name__)
+ATTENTION_IMAGES = 4  # the first images of the val split: the same ones at every evaluation
 
 
 def knn_metrics(cfg: DinoConfig, backbone: nn.Module, device: torch.device,
@@ -94,18 +105,19 @@ def extract_share(ds: Dataset, batch_size: int, ctx: RunContext, backbone: nn.Mo
 
 
 def knn_distributed(cfg: DinoConfig, ctx: RunContext, backbone: nn.Module,
-                    amp_dtype: torch.dtype | None) -> dict[str, float]:
+                    amp_dtype: torch.dtype | None,
+                    splits: tuple[Dataset, Dataset] | None = None) -> dict[str, float]:
     """``knn_on_rank0``'s numbers, exactly, with the extraction spread over the ranks: each
     extracts its ``share`` of both labeled splits, every rank receives all features and
     labels in dataset order, rank 0 classifies (on the host, as ``knn_metrics`` does) and
-    broadcasts.
+    broadcasts. ``splits``: the labeled (train, val) splits, if already opened.
 
     Raises:
         ValueError: a split has no readable image (on every rank alike).
     """
     e = cfg.eval
     gathered = []
-    for ds in data.eval_datasets(cfg):
+    for ds in splits or data.eval_datasets(cfg):
         feats, labels = extract_share(ds, e.batch_size, ctx, backbone, amp_dtype)
         gathered.append((all_gather_rows(feats, ctx.world_size, ctx.device),
                          all_gather_rows(labels, ctx.world_size, ctx.device)))
@@ -119,3 +131,46 @@ def knn_distributed(cfg: DinoConfig, ctx: RunContext, backbone: nn.Module,
                               dtype=torch.float64)
     values = broadcast_from_rank0(values, ctx.world_size, ctx.device)
     return {"knn_top1": float(values[0]), "knn_top5": float(values[1])}
+
+
+def evaluate(cfg: DinoConfig, ctx: RunContext, backbone: nn.Module,
+             amp_dtype: torch.dtype | None, tracker: Tracker, step: int) -> dict[str, float]:
+    """The evaluation during training (``eval.knn_every_epochs``), on every rank: the k-NN
+    (``knn_distributed``), logged at ``step``; then rank 0 logs ``attention_picture`` as the
+    tracker's ``attention/step_<step, 7 digits>.png`` (rank 0 alone: no rank waits for it)."""
+    splits = data.eval_datasets(cfg)
+    knn = knn_distributed(cfg, ctx, backbone, amp_dtype, splits)
+    tracker.log_metrics(knn, step)
+    if ctx.rank == 0 and tracker.uri is not None:  # drawn only for a run that keeps it
+        log_attention(tracker, splits[1], backbone, ctx.device, step)
+    return knn
+
+
+def attention_picture(val: Dataset, backbone: nn.Module, device: torch.device,
+                      n: int = ATTENTION_IMAGES) -> Image.Image | None:
+    """``attention_sheet`` of the first ``n`` images of the val split (as the k-NN sees them;
+    unreadable ones left out); None for a backbone that is not a ViT or no readable image."""
+    if not is_vit(backbone):
+        return None
+    part = val if isinstance(val, IterableDataset) else Subset(val, range(min(n, len(val))))
+    images = next(iter(data.eval_loader(part, n, 0)), (None,))[0]
+    if images is None or len(images) == 0:
+        return None
+    return attention_sheet(backbone, images[:n].to(device))
+
+
+def log_attention(tracker: Tracker, val: Dataset, backbone: nn.Module, device: torch.device,
+                  step: int) -> None:
+    """Draws ``attention_picture`` and logs it; a picture that fails is a warning: it never
+    stops training."""
+    try:
+        picture = attention_picture(val, backbone, device)
+    except Exception as err:  # noqa: BLE001 - the picture is for people; training goes on
+        log.warning("the attention picture of step %d was not drawn: %s", step, err)
+        return
+    if picture is None:
+        return
+    with tempfile.TemporaryDirectory(prefix="dino-attention-") as d:
+        path = os.path.join(d, f"step_{step:07d}.png")
+        picture.save(path)
+        tracker.log_artifact(path, "attention")

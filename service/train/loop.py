@@ -29,8 +29,8 @@ from service.tracking import Tracker
 from service.train import distill
 from service.train.collectives import max_over_ranks, sum_over_ranks
 from service.train.context import RunContext
-from service.train.evaluation import knn_distributed
-from service.train.exports import export_backbone
+from service.train.evaluation import evaluate
+from service.train.exports import export_backbone, tracked
 from service.train.init_from import apply_init_backbone, apply_init_from
 from service.train.policies import Cadence, FaultInjector, NonFiniteGuard
 from service.train.progress import Progress, say
@@ -76,24 +76,26 @@ class Loop:
 
     # ---- the loop ----------------------------------------------------------------------
     def run(self) -> None:
+        """Trains to the end (or a stop), tracked as ``exports.tracked`` says."""
         s = self.state
-        if s.global_step >= s.total_steps:
-            self._say(f"[dino] run already complete at step {s.global_step}")
-            # its last report may have been lost with its node after the checkpoint was
-            # written: a sweep's record still learns where the run ended
-            self.report({"epoch": s.epoch, "step": s.global_step}, checkpoint=False)
-            self.finish()
-            return
-        say(f"[dino] worker rank {self.ctx.rank}/{self.ctx.world_size} pid {os.getpid()} "
-            f"on {self.ctx.device}")
-        while not s.finished:
-            self.run_epoch()
-            if self.stopped:
-                self._say(f"[dino] stopped at step {s.global_step} ({self.stops.reason}); "
-                          "`dino train` with the same run name resumes from there")
+        with tracked(self.cfg, self.tracker):
+            if s.global_step >= s.total_steps:
+                self._say(f"[dino] run already complete at step {s.global_step}")
+                # its last report may have been lost with its node after the checkpoint was
+                # written: a sweep's record still learns where the run ended
+                self.report({"epoch": s.epoch, "step": s.global_step}, checkpoint=False)
+                self.finish()
                 return
-            self.end_epoch()
-        self.finish()
+            say(f"[dino] worker rank {self.ctx.rank}/{self.ctx.world_size} pid {os.getpid()} "
+                f"on {self.ctx.device}")
+            while not s.finished:
+                self.run_epoch()
+                if self.stopped:
+                    self._say(f"[dino] stopped at step {s.global_step} ({self.stops.reason}); "
+                              "`dino train` with the same run name resumes from there")
+                    return
+                self.end_epoch()
+            self.finish()
 
     def run_epoch(self) -> None:
         s = self.state
@@ -248,8 +250,8 @@ class Loop:
         # the teacher's entropy: DINO's, or DINO distillation's (feature distillation has none)
         metrics |= {k: v for k, v in self.last_metrics.items() if k in ("loss", "teacher_entropy")}
         if self.cadence.knn_due(s.epoch, epoch_done, s.finished):
-            knn = knn_distributed(self.cfg, self.ctx, s.teacher.backbone, s.amp_dtype)
-            self.tracker.log_metrics(knn, s.global_step)
+            knn = evaluate(self.cfg, self.ctx, s.teacher.backbone, s.amp_dtype, self.tracker,
+                           s.global_step)
             self._say(f"[dino] epoch {s.epoch_label} k-NN top-1 {knn['knn_top1']:.1f}% "
                       f"(k={self.cfg.eval.knn_k})")
             metrics.update(knn)
