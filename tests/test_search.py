@@ -321,14 +321,21 @@ def test_ivf_without_faiss_names_the_extra_and_flat_does_not_need_it(planted):
         find_neighbours(emb, CHAIN[0], 3, "ivf")
 
 
+def memory_copy(folder, prefix: str):
+    """``folder``'s files under ``memory://<prefix>``: fsspec's in-memory filesystem, which
+    stands for a bucket (the same calls as s3:// makes); returns that filesystem."""
+    fs = fsspec.filesystem("memory")
+    for f in folder.iterdir():
+        fs.pipe_file(f"/{prefix}/{f.name}", f.read_bytes())
+    return fs
+
+
 @pytest.mark.budget(8)
 def test_embeddings_are_read_from_object_storage_urls(tmp_path):
     """fsspec's in-memory filesystem stands for a bucket: the same calls as s3:// makes."""
     keys, labels, x = planted_set(n=50)
-    folder = write_embeddings(tmp_path / "e", keys, labels, x, part_rows=20)
-    fs = fsspec.filesystem("memory")
-    for f in folder.iterdir():
-        fs.pipe_file(f"/search-test/e/{f.name}", f.read_bytes())
+    fs = memory_copy(write_embeddings(tmp_path / "e", keys, labels, x, part_rows=20),
+                     "search-test/e")
     try:
         emb = load_embeddings("memory://search-test/e")
         assert emb.keys == keys and len(emb.manifest.parts) == 3
@@ -345,9 +352,7 @@ def test_a_missing_part_is_named_locally_and_in_object_storage(tmp_path, capsys)
     its not-found in a StorageError); and ``dedup --out`` writes its CSV to a URL."""
     keys, labels, x = planted_set(n=50)
     folder = write_embeddings(tmp_path / "m", keys, labels, x, part_rows=20)
-    fs = fsspec.filesystem("memory")
-    for f in folder.iterdir():
-        fs.pipe_file(f"/search-gone/m/{f.name}", f.read_bytes())
+    fs = memory_copy(folder, "search-gone/m")
     try:
         code, _, err = run_cli(["dedup", "--embeddings", "memory://search-gone/m", "--out",
                                 "memory://search-gone/pairs.csv"], capsys)
