@@ -17,8 +17,6 @@ from typing import Any
 from service.api.config import Overrides, override_items
 from service.errors import ConfigError
 
-KINDS = ("knn", "linear", "video", "retrieval", "copydetect")
-
 
 @dataclass
 class EvalResult:
@@ -97,7 +95,7 @@ EVALUATIONS: dict[str, Callable[..., EvalResult]] = {
 def evaluate(kind: str, checkpoint: str, *args: Any, **settings: Any) -> EvalResult:
     """``evaluate("knn", ckpt, "train_dir", "val_dir")``: the evaluation named ``kind``."""
     if kind not in EVALUATIONS:
-        raise ConfigError(f"evaluation {kind!r}: one of {', '.join(KINDS)}")
+        raise ConfigError(f"evaluation {kind!r}: one of {', '.join(EVALUATIONS)}")
     return EVALUATIONS[kind](checkpoint, *args, **settings)
 
 
