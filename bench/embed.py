@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # the loop's model, as one actor's
     work = Path(a.work or tempfile.mkdtemp(prefix="dino-bench-embed-"))
     work.mkdir(parents=True, exist_ok=True)
+    for old in [*work.glob("out-*"), *work.glob("resume-*")]:  # a reused --work's last outputs
+        shutil.rmtree(old)
     t0 = time.perf_counter()
     root = make_images(work, n, a.image_px)
     checkpoint = make_backbone(work, a.arch, a.patch, depth, side)

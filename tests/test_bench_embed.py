@@ -23,7 +23,7 @@ def in_spread(r: dict, key: str) -> bool:
 
 
 @pytest.mark.integration  # a whole benchmark program with its own local Ray
-@pytest.mark.budget(200)  # 56 s alone (load average 2-3), 101.6 s in the two-lane suite
+@pytest.mark.budget(240)  # 56 s alone (load average 2-3); 101.6 s, then 160 s in CI's two lanes
 def test_embed_benchmark_prints_every_side_the_ratios_and_the_resume(tmp_path):
     out = subprocess.run([sys.executable, "bench/embed.py", "--ci", "--work", str(tmp_path)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -39,7 +39,7 @@ def test_embed_benchmark_prints_every_side_the_ratios_and_the_resume(tmp_path):
         low, high = r["ratio_to_loop_spread"]
         assert 0 < low <= high
         assert r["ratio_to_loop"] == pytest.approx(
-            r["images_per_sec"] / sides["loop"]["images_per_sec"], rel=0.02)
+            r["images_per_sec"] / sides["loop"]["images_per_sec"], rel=0.02, abs=6e-4)  # 3 decimals
     resume = next(r for r in records if r.get("kind") == "resume")
     assert in_spread(resume, "full_s") and in_spread(resume, "resume_s")
     assert summary["kind"] == "summary" and summary["agree"] is True

@@ -1,5 +1,6 @@
 """`dino submit` and `dino jobs`: training as a Ray job on a running cluster (token auth),
-checkpoints in S3, metrics in MLflow, no secret in the job's info; and a job stopped."""
+checkpoints in S3, metrics in MLflow, no secret in the job's info; a job stopped; and the
+trained backbone's embeddings of a folder written to S3 by an embed job."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 from test_service_train import TINY as SERVICE_TINY
 
+from dino_core.data.procedural import write_image_folder
 from service.cli.jobs import cluster_args
 from service.cluster import jobs
 from service.devtools import stack
@@ -79,6 +81,16 @@ def test_cluster_args_put_the_address_after_the_overrides():
         cluster_args("train", ["optim.lr=-1"])
 
 
+def test_an_embed_job_runs_on_its_cluster_and_bad_flags_fail_here():
+    args = ["--checkpoint", "s3://b/runs/r", "--data", "/data/photos", "--out", "s3://b/emb"]
+    assert cluster_args("embed", args) == ["embed", *args, "--address", "auto"]
+    for flag in (["--address", "10.0.0.1:6379"], ["--num-cpus", "4"]):
+        with pytest.raises(ValueError, match=f"{flag[0]} is not for a job"):
+            cluster_args("embed", [*args, *flag])
+    with pytest.raises(ValueError, match="--features must be one of"):
+        cluster_args("embed", [*args, "--features", "mean"])
+
+
 def test_address_and_auth_header(tmp_path):
     assert jobs.resolve_address(None, {"RAY_ADDRESS": "10.0.0.1:6379"}) == jobs.DEFAULT_ADDRESS
     assert jobs.resolve_address(None, {"RAY_ADDRESS": "http://head:8265/"}) == "http://head:8265"
@@ -113,8 +125,9 @@ def _alive_actors(ray_head, ray_job_id: str) -> list[str]:
 
 
 @pytest.mark.integration
-@pytest.mark.budget(300)  # 100 s quiet on 2 cores (2026-12-03)
-def test_submit_train_job_then_stop_a_long_one(ray_head, s3_server, mlflow_server):
+@pytest.mark.budget(300)  # 108 s alone, 127 s beside other files, the embed job included (2026-12-05)
+def test_submit_train_job_then_stop_a_long_one_then_embed(ray_head, s3_server, mlflow_server,
+                                                           tmp_path):
     import s3fs
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobSubmissionClient
@@ -194,3 +207,17 @@ def test_submit_train_job_then_stop_a_long_one(ray_head, s3_server, mlflow_serve
         time.sleep(1)
     listed = dino("jobs", "list", *address).stdout
     assert f"{job}  SUCCEEDED" in listed and f"{long_job}  STOPPED" in listed
+
+    # the tiny run's backbone embeds a folder (one the cluster's nodes see: this machine's)
+    # into the bucket, as a job that joins the cluster rather than starting a Ray of its own
+    write_image_folder(tmp_path / "photos", 12, 24, 3, 0, masks=False)
+    embedded = dino("submit", *address, "embed", "--checkpoint", f"s3://{bucket}/runs/submitted",
+                    "--data", str(tmp_path / "photos"), "--out", f"s3://{bucket}/emb",
+                    env=local, timeout=300, check=False)  # fmt: skip
+    assert embedded.returncode == 0, embedded.stdout[-4000:] + embedded.stderr[-4000:]
+    assert "embedded 12 images" in embedded.stdout, embedded.stdout[-3000:]
+    embed_job = embedded.stdout.splitlines()[0]
+    assert "--address auto" in jobs.status(embed_job, ray_head.dashboard_url).entrypoint
+    manifest = json.loads(fs.cat_file(f"{bucket}/emb/manifest.json"))
+    assert manifest["complete"] and manifest["count"] == 12
+    assert manifest["checkpoint"].startswith(f"s3://{bucket}/runs/submitted")

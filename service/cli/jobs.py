@@ -1,4 +1,5 @@
-"""``dino submit`` and ``dino jobs``: run train/tune as Ray jobs on a running cluster."""
+"""``dino submit`` and ``dino jobs``: run train, tune or embed as Ray jobs on a running
+cluster."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import json
 import sys
 from pathlib import Path
 
+from service.cli import embed as embed_cli
 from service.cli import train as train_cli
 from service.cli import tune as tune_cli
 from service.cli.common import verbose_everywhere
 from service.config import load_config
+from service.errors import ConfigError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     address = "job API URL (default: RAY_API_SERVER_ADDRESS, an http RAY_ADDRESS, " \
               "http://127.0.0.1:8265)"
-    p = sub.add_parser("submit", help="run train/tune as a Ray job on a running cluster",
+    p = sub.add_parser("submit", help="run train/tune/embed as a Ray job on a running cluster",
                        epilog="e.g. `dino submit --address http://head:8265 train --preset "
                               "quickstart optim.lr=1e-3`. Storage and MLflow settings go with "
                               "the job; credentials do not (see service/cluster/env.py).")
@@ -36,9 +39,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="stream the logs until the job ends; exit 0 if it SUCCEEDED (default)")
     p.add_argument("--no-wait", dest="wait", action="store_false",
                    help="print the job id and return")
-    p.add_argument("target", choices=["train", "tune"], help="what the job runs")
+    p.add_argument("target", choices=["train", "tune", "embed"], help="what the job runs")
     p.add_argument("args", nargs=argparse.REMAINDER,
-                   help="train/tune arguments, as for `dino train|tune`")
+                   help="its arguments, as for `dino train|tune|embed` (paths are the "
+                        "cluster's: a folder must be on every node, or be a URL)")
     p.set_defaults(fn=cmd_submit)
 
     jb = sub.add_parser("jobs", help="list, inspect, follow or stop Ray jobs")
@@ -59,11 +63,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``train`` and ``tune`` commands alone, to check a job's arguments here."""
+    """The ``train``, ``tune`` and ``embed`` commands alone, to check a job's arguments here."""
     parser = argparse.ArgumentParser(prog="dino")
     sub = parser.add_subparsers(dest="command", required=True)
     train_cli.add_parser(sub)
     tune_cli.add_parser(sub)
+    embed_cli.add_parser(sub)
     verbose_everywhere(parser)
     return parser
 
@@ -77,6 +82,8 @@ def cluster_args(command: str, args: list[str]) -> list[str]:
     """
     args = args[1:] if args[:1] == ["--"] else list(args)
     ns = build_parser().parse_args([command, *args])
+    if command == "embed":
+        return embed_args(ns, args)
     n, at = len(ns.overrides), len(args)
     if ns.overrides:
         at = max(i for i in range(len(args) - n + 1) if args[i : i + n] == ns.overrides) + n
@@ -86,6 +93,24 @@ def cluster_args(command: str, args: list[str]) -> list[str]:
     if ns.config is None or Path(ns.config).is_file():  # else a path on the cluster
         load_config(ns.preset, ns.config, [*ns.overrides, "ray.address=auto"])
     return out
+
+
+def embed_args(ns: argparse.Namespace, args: list[str]) -> list[str]:
+    """``embed`` with ``--address auto`` (the job's cluster); ``--address`` and ``--num-cpus``
+    of the command are refused (they pick or size a Ray of its own), and so is a bad
+    ``--features``, before the cluster is asked for anything. The checkpoint, data and out
+    are the cluster's paths or URLs: they are checked there."""
+    from service.embed.spec import check_features
+
+    for flag, value in (("--address", ns.address), ("--num-cpus", ns.num_cpus)):
+        if value is not None:
+            raise ValueError(f"{flag} is not for a job: it runs on the cluster it is "
+                             "submitted to")
+    try:
+        check_features(ns.features)
+    except ConfigError as err:
+        raise ValueError(str(err)) from err
+    return ["embed", *args, "--address", "auto"]
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

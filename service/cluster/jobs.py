@@ -93,8 +93,8 @@ def submit(
     entrypoint_num_cpus: float = 0,
     pass_secrets: bool = False,
 ) -> str:
-    """Submit ``dino <command_args>`` (``train ...`` or ``tune ...``, already checked and
-    given ``ray.address=auto`` by the CLI); return the job id.
+    """Submit ``dino <command_args>`` (``train ...``, ``tune ...`` or ``embed ...``, already
+    checked and pointed at the job's cluster by the CLI); return the job id.
 
     Args:
         working_dir: directory uploaded as the job's working dir (default: this project's
@@ -105,8 +105,8 @@ def submit(
             workers, and a reserved CPU would be one fewer for them.
         pass_secrets: also send the AWS key pair (visible in the job's info).
     """
-    if not command_args or command_args[0] not in ("train", "tune"):
-        raise ValueError("submit runs `train ...` or `tune ...`")
+    if not command_args or command_args[0] not in ("train", "tune", "embed"):
+        raise ValueError("submit runs `train ...`, `tune ...` or `embed ...`")
     env = os.environ if env is None else env
     args = list(command_args)
     runtime_env: dict[str, Any] = {"env_vars": job_env(env, pass_secrets)}

@@ -22,14 +22,14 @@ from service.embed.spec import split_transform
 from service.errors import StorageError
 from service.storage import get_fs, is_local, is_transient, read_bytes
 
-DECODE_BATCH = 32  # images per output batch: 32 crops of 224 px are 4.8 MB
+DECODE_BATCH = 32  # images per output batch by default: 32 crops of 224 px are 4.8 MB
 
 
 class Crops:
-    """Accumulates crops into output batches of ``DECODE_BATCH`` rows."""
+    """Accumulates crops into output batches of ``rows`` rows."""
 
-    def __init__(self, side: int) -> None:
-        self.side = side
+    def __init__(self, side: int, rows: int = DECODE_BATCH) -> None:
+        self.side, self.size = side, rows
         self.head = split_transform(side)[0]
         self.rows: list[tuple[str, int, np.ndarray | None, str]] = []
 
@@ -50,7 +50,7 @@ class Crops:
         self.rows.append((key, label, image, error))
 
     def full(self) -> bool:
-        return len(self.rows) >= DECODE_BATCH
+        return len(self.rows) >= self.size
 
     def take(self) -> dict[str, np.ndarray]:
         blank = np.zeros((3, self.side, self.side), np.uint8)
@@ -62,10 +62,11 @@ class Crops:
                 "error": np.array(errors, dtype=object)}
 
 
-def decode_files(batch: dict[str, np.ndarray], root: str, side: int
+def decode_files(batch: dict[str, np.ndarray], root: str, side: int, rows: int = DECODE_BATCH
                  ) -> Iterator[dict[str, np.ndarray]]:
-    """``map_batches`` function over rows ``{"key", "label"}`` of a folder or URL."""
-    crops = Crops(side)
+    """``map_batches`` function over rows ``{"key", "label"}`` of a folder or URL; output
+    batches of ``rows``."""
+    crops = Crops(side, rows)
     fs = None if is_local(root) else get_fs(root)[0]  # one client for the batch
     for key, label in zip(batch["key"], batch["label"]):
         try:
@@ -84,16 +85,17 @@ def decode_files(batch: dict[str, np.ndarray], root: str, side: int
         yield crops.take()
 
 
-def decode_shards(batch: dict[str, np.ndarray], side: int, done: Any = frozenset()
-                  ) -> Iterator[dict[str, np.ndarray]]:
+def decode_shards(batch: dict[str, np.ndarray], side: int, done: Any = frozenset(),
+                  rows: int = DECODE_BATCH) -> Iterator[dict[str, np.ndarray]]:
     """``map_batches`` function over rows ``{"shard": URL}`` of a packed set: every member
-    whose key is not in ``done`` (a set, or a Ray object reference to one). A damaged
-    shard's images after the damage are one row keyed by the shard's name."""
+    whose key is not in ``done`` (a set, or a Ray object reference to one), in output
+    batches of ``rows``. A damaged shard's images after the damage are one row keyed by
+    the shard's name."""
     if not isinstance(done, frozenset | set):
         import ray
 
         done = ray.get(done)
-    crops = Crops(side)
+    crops = Crops(side, rows)
     for url in batch["shard"]:
         url = str(url)
         try:
