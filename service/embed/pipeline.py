@@ -99,7 +99,7 @@ def build_dataset(source: Source, todo: list[tuple[str, int]], done: set[str],
                             fn_kwargs={"root": source.root, "side": side, "rows": batch},
                             **decode_args)
     return ds.map_batches(
-        Embedder, batch_size=res.batch_size, batch_format="numpy",
+        Embedder, batch_size=batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=res.actors),
         num_gpus=1 if res.gpus else 0, num_cpus=res.cpus_per_actor,
         fn_constructor_kwargs={"spec": spec, "gpus": res.gpus,
